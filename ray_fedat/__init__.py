@@ -1,0 +1,3 @@
+"""ray_fedat: federated adversarial training on a Ray cluster."""
+
+__version__ = "0.1.0"

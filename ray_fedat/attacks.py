@@ -1,0 +1,58 @@
+"""White-box L-inf attacks. Each returns x_adv with |x_adv - x| <= eps and x_adv in [0, 1].
+
+Attacks take gradients with respect to the input only (torch.autograd.grad), so they
+never touch the model's parameter gradients. They leave the model's train/eval mode
+alone: the caller chooses it (training methods attack in eval mode).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+Logits = Callable[[torch.Tensor], torch.Tensor]
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Back into the eps-ball around x and the valid pixel range [0, 1]."""
+    return torch.clamp(torch.min(torch.max(x_adv, x - eps), x + eps), 0.0, 1.0)
+
+
+def _noise_like(x: torch.Tensor, generator: Optional[torch.Generator], uniform_eps: Optional[float] = None):
+    # Drawn on the CPU from the caller's generator so the same (seed, round, client) gives the
+    # same noise on any device and any number of workers.
+    if uniform_eps is not None:
+        noise = torch.rand(x.shape, generator=generator) * (2 * uniform_eps) - uniform_eps
+    else:
+        noise = torch.randn(x.shape, generator=generator)
+    return noise.to(device=x.device, dtype=x.dtype)
+
+
+def pgd_ce(model: Logits, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
+           generator: Optional[torch.Generator] = None, random_start: bool = True) -> torch.Tensor:
+    """Madry et al. PGD on the cross-entropy loss, from a uniform random start in the eps-ball."""
+    x = x.detach()
+    x_adv = project(x + _noise_like(x, generator, uniform_eps=eps), x, eps) if random_start else x.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv.detach()
+
+
+def kl_attack(logits_fn: Logits, x: torch.Tensor, natural_probs: torch.Tensor, eps: float, step_size: float,
+              steps: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """TRADES/CalFAT attack: maximise KL(natural_probs || p(x_adv)) by sign-gradient steps
+    from x + 0.001 * N(0, 1). `natural_probs` is computed once per batch by the caller
+    (the article recomputes it at every step)."""
+    x = x.detach()
+    natural_probs = natural_probs.detach()
+    x_adv = project(x + 0.001 * _noise_like(x, generator), x, eps)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = F.kl_div(F.log_softmax(logits_fn(x_adv), dim=1), natural_probs, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv.detach()

@@ -1,0 +1,79 @@
+"""One client's local round: a fresh SGD optimizer, E epochs of adversarial training on its
+own shard, starting from the global model the caller loaded into `model`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .data import augment_batch, to_float
+from .losses import METHOD_LOSSES, LocalContext
+
+
+@dataclass
+class ClientShard:
+    client_id: int
+    x: torch.Tensor  # uint8 N x C x H x W
+    y: torch.Tensor  # int64 N
+    class_counts: torch.Tensor  # float, samples per class
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class LocalTrainingConfig:
+    method: str
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    epsilon: float
+    step_size: float
+    attack_steps: int
+    trades_beta: float
+    calfat_tau: float
+    augment: bool
+
+
+def batches(order: torch.Tensor, batch_size: int):
+    """Index batches; a trailing batch of one sample joins the previous one (BatchNorm
+    cannot normalise a single sample)."""
+    n = len(order)
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    for i, s in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else n
+        yield order[s:end]
+
+
+def train_client(model: torch.nn.Module, shard: ClientShard, cfg: LocalTrainingConfig,
+                 generator: torch.Generator, device: torch.device) -> float:
+    """Train `model` in place on the shard; returns the mean training loss."""
+    loss_fn = METHOD_LOSSES[cfg.method]
+    ctx = LocalContext(cfg.epsilon, cfg.step_size, cfg.attack_steps, shard.class_counts.to(device),
+                       generator, cfg.trades_beta, cfg.calfat_tau)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    model.train()
+    total, count = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(len(shard), generator=generator)
+        for idx in batches(order, cfg.batch_size):
+            x = to_float(shard.x[idx]).to(device, non_blocking=True)
+            y = shard.y[idx].to(device, non_blocking=True)
+            if cfg.augment:
+                x = augment_batch(x, generator)
+            loss = loss_fn(model, x, y, ctx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+    mean = total / max(count, 1)
+    if not math.isfinite(mean):
+        raise FloatingPointError(f"client {shard.client_id}: training loss became {mean} (try a smaller --lr)")
+    return mean

@@ -1,0 +1,259 @@
+"""Run configuration: the CLI flags, their per-dataset defaults, and validation.
+
+Everything a run needs is one flat, JSON-serialisable `RunConfig`. The driver builds it
+from argv, validates it before Ray starts (bad input is a one-line error, never a
+traceback), and ships it to every worker as a plain dict.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+DATASETS = ("mnist", "fmnist", "cifar10", "digits", "npz")
+PARTITIONS = ("iid", "dirichlet", "shards")
+METHODS = ("calfat", "trades", "pgd", "natural")
+AGGREGATORS = ("fedavg", "median", "trimmed-mean")
+DEVICES = ("auto", "cpu", "cuda")
+DATA_ON = ("driver", "nodes")
+
+
+class ConfigError(ValueError):
+    """A user mistake in the run's configuration; the CLI prints it as one line."""
+
+
+@dataclass(frozen=True)
+class DatasetDefaults:
+    epsilon: float
+    step_size: float
+    attack_steps: int
+    eval_steps: int
+    model: str
+
+
+# The reference article's settings: MNIST/FMNIST eps=0.3 step 0.01 (40 attack steps on
+# MNIST, 10 otherwise; PGD-40 eval on MNIST, PGD-20 otherwise); CIFAR-10 eps=8/255 step 2/255.
+# digits (8x8, 1.8k images) is the no-download smoke-test set: a light attack keeps it fast.
+DATASET_DEFAULTS = {
+    "mnist": DatasetDefaults(0.3, 0.01, 40, 40, "smallcnn"),
+    "fmnist": DatasetDefaults(0.3, 0.01, 10, 20, "smallcnn"),
+    "cifar10": DatasetDefaults(8 / 255, 2 / 255, 10, 20, "resnet18"),
+    "digits": DatasetDefaults(0.1, 0.025, 5, 10, "smallcnn"),
+    "npz": DatasetDefaults(8 / 255, 2 / 255, 10, 20, "smallcnn"),
+}
+
+
+@dataclass
+class RunConfig:
+    # data
+    dataset: str = "digits"
+    data_file: Optional[str] = None
+    data_dir: str = "./data"
+    download: bool = False
+    data_on: str = "driver"
+    # federation
+    clients: Optional[int] = None
+    partition: str = "iid"
+    beta: float = 0.5
+    shards_per_client: int = 2
+    min_client_size: int = 10
+    client_fraction: float = 1.0
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    aggregator: str = "fedavg"
+    trim_ratio: float = 0.1
+    server_lr: float = 1.0
+    # adversary
+    method: str = "calfat"
+    epsilon: Optional[float] = None
+    step_size: Optional[float] = None
+    attack_steps: Optional[int] = None
+    eval_steps: Optional[int] = None
+    trades_beta: float = 6.0
+    calfat_tau: float = 0.1
+    eval_every: int = 1
+    eval_samples: Optional[int] = None
+    eval_batch_size: int = 256
+    # model
+    model: Optional[str] = None
+    # cluster and outputs
+    workers: int = 2
+    cpus_per_worker: int = 1
+    device: str = "auto"
+    address: Optional[str] = None
+    storage_path: str = "./runs"
+    name: Optional[str] = None
+    seed: int = 0
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    dry_run: bool = False
+    verbose: bool = False
+
+    def resolved(self) -> "RunConfig":
+        """A copy with every per-dataset default filled in."""
+        d = DATASET_DEFAULTS.get(self.dataset)
+        if d is None:
+            raise ConfigError(f"--dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
+        return dataclasses.replace(
+            self,
+            clients=self.clients if self.clients is not None else self.workers,
+            epsilon=self.epsilon if self.epsilon is not None else d.epsilon,
+            step_size=self.step_size if self.step_size is not None else d.step_size,
+            attack_steps=self.attack_steps if self.attack_steps is not None else d.attack_steps,
+            eval_steps=self.eval_steps if self.eval_steps is not None else d.eval_steps,
+            model=self.model if self.model is not None else d.model,
+        )
+
+    def validate(self) -> "RunConfig":
+        """Raise ConfigError naming the first bad value; return self when all is well."""
+        from .models import MODELS  # local import: models pulls in torch
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.dataset in DATASETS, f"--dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
+        if self.dataset == "npz":
+            need(bool(self.data_file), "--dataset npz needs --data-file PATH (an .npz with x_train, y_train, x_test, y_test)")
+            need(os.path.isfile(self.data_file), f"--data-file {self.data_file}: no such file")
+        need(self.data_on in DATA_ON, f"--data-on {self.data_on!r} is not one of {', '.join(DATA_ON)}")
+        need(self.partition in PARTITIONS, f"--partition {self.partition!r} is not one of {', '.join(PARTITIONS)}")
+        need(self.method in METHODS, f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        need(self.aggregator in AGGREGATORS, f"--aggregator {self.aggregator!r} is not one of {', '.join(AGGREGATORS)}")
+        need(self.device in DEVICES, f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        need(self.model in MODELS, f"--model {self.model!r} is not one of {', '.join(sorted(MODELS))}")
+        need(self.workers >= 1, f"--workers must be >= 1 (got {self.workers})")
+        need(self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})")
+        need(self.clients >= 1, f"--clients must be >= 1 (got {self.clients})")
+        need(self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})")
+        need(self.local_epochs >= 1, f"--local-epochs must be >= 1 (got {self.local_epochs})")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
+        need(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1 (got {self.eval_batch_size})")
+        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0 (got {self.lr})")
+        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1) (got {self.momentum})")
+        need(self.weight_decay >= 0, f"--weight-decay must be >= 0 (got {self.weight_decay})")
+        need(self.beta > 0, f"--beta must be > 0 (got {self.beta})")
+        need(self.shards_per_client >= 1, f"--shards-per-client must be >= 1 (got {self.shards_per_client})")
+        need(self.min_client_size >= 1, f"--min-client-size must be >= 1 (got {self.min_client_size})")
+        need(0 < self.client_fraction <= 1, f"--client-fraction must be in (0, 1] (got {self.client_fraction})")
+        need(0 <= self.trim_ratio < 0.5, f"--trim-ratio must be in [0, 0.5) (got {self.trim_ratio})")
+        need(self.server_lr > 0, f"--server-lr must be > 0 (got {self.server_lr})")
+        need(0 <= self.epsilon <= 1, f"--epsilon must be in [0, 1] in pixel units (got {self.epsilon})")
+        need(self.step_size >= 0, f"--step-size must be >= 0 (got {self.step_size})")
+        need(self.attack_steps >= 0, f"--attack-steps must be >= 0 (got {self.attack_steps})")
+        need(self.eval_steps >= 0, f"--eval-steps must be >= 0 (got {self.eval_steps})")
+        need(self.trades_beta >= 0, f"--trades-beta must be >= 0 (got {self.trades_beta})")
+        need(self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})")
+        need(self.eval_samples is None or self.eval_samples >= 1, f"--eval-samples must be >= 1 (got {self.eval_samples})")
+        need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1 (got {self.checkpoint_every})")
+        need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1 (got {self.keep_checkpoints})")
+        need(self.max_failures >= -1, f"--max-failures must be >= -1 (-1 = retry forever) (got {self.max_failures})")
+        if self.name is not None:
+            need(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+                 f"--name {self.name!r} must be a plain directory name")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_fraction(text: str) -> float:
+    """Parse '0.3', '8/255' or '2 / 255' into a float (pixel units in [0, 1])."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255") from None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    p = _OneLineParser(
+        prog="python -m ray_fedat.train",
+        description="Federated adversarial training on a Ray cluster (Ray Train TorchTrainer, "
+        "one worker per node). Defaults marked 'per dataset' follow the CalFAT article.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)}")
+    g.add_argument("--data-file", default=None, help="for --dataset npz: .npz with x_train, y_train, x_test, y_test")
+    g.add_argument("--data-dir", default=d.data_dir, help="where torchvision datasets live (or are downloaded to)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=d.download,
+                   help="download mnist/fmnist/cifar10 into --data-dir if missing")
+    g.add_argument("--data-on", default=d.data_on,
+                   help="driver: the driver loads the data once and ships each worker its clients' shards "
+                   "through the Ray object store (works on a fresh cluster); nodes: every node reads its own copy")
+    g = p.add_argument_group("federation")
+    g.add_argument("--clients", type=int, default=None, help="number of clients K (default: --workers)")
+    g.add_argument("--partition", default=d.partition, help=f"one of {', '.join(PARTITIONS)}")
+    g.add_argument("--beta", type=float, default=d.beta, help="Dirichlet concentration (smaller = more label skew)")
+    g.add_argument("--shards-per-client", type=int, default=d.shards_per_client, help="label-sorted shards per client")
+    g.add_argument("--min-client-size", type=int, default=d.min_client_size, help="Dirichlet: smallest client allowed")
+    g.add_argument("--client-fraction", type=float, default=d.client_fraction,
+                   help="fraction of clients sampled each round (same subset on every worker)")
+    g.add_argument("--rounds", type=int, default=d.rounds, help="communication rounds R")
+    g.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs E per round")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="local batch size B")
+    g.add_argument("--lr", type=float, default=d.lr, help="client SGD learning rate")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="client SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="client SGD weight decay")
+    g.add_argument("--aggregator", default=d.aggregator, help=f"one of {', '.join(AGGREGATORS)}")
+    g.add_argument("--trim-ratio", type=float, default=d.trim_ratio, help="trimmed-mean: share cut at each end")
+    g.add_argument("--server-lr", type=float, default=d.server_lr, help="server step on the aggregated update (1 = FedAvg)")
+    g = p.add_argument_group("adversary")
+    g.add_argument("--method", default=d.method, help=f"local training method, one of {', '.join(METHODS)}")
+    g.add_argument("--epsilon", type=parse_fraction, default=None, help="L-inf budget in pixel units, e.g. 0.3 or 8/255 (per dataset)")
+    g.add_argument("--step-size", type=parse_fraction, default=None, help="attack step size (per dataset)")
+    g.add_argument("--attack-steps", type=int, default=None, help="attack steps while training (per dataset)")
+    g.add_argument("--eval-steps", type=int, default=None, help="PGD steps for robust evaluation (per dataset)")
+    g.add_argument("--trades-beta", type=float, default=d.trades_beta, help="TRADES KL weight")
+    g.add_argument("--calfat-tau", type=float, default=d.calfat_tau, help="CalFAT calibration strength: z + tau*log(class count)")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate the global model every N rounds")
+    g.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images (default: all)")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="smallcnn, lenet, resnet18, mlp (per dataset)")
+    g = p.add_argument_group("cluster and outputs")
+    g.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers (one per node on a cluster)")
+    g.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker, help="CPUs reserved per worker (torch threads)")
+    g.add_argument("--device", default=d.device, help="auto: CUDA when every worker can get a GPU, else CPU")
+    g.add_argument("--address", default=None,
+                   help="Ray cluster address (else $RAY_ADDRESS, else a fresh local Ray just for this run)")
+    g.add_argument("--storage-path", default=d.storage_path, help="results root; a run writes <storage-path>/<name>/")
+    g.add_argument("--name", default=None, help="run name (default: <dataset>-<method>-<timestamp>)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed for partition, init, data order and attacks")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="Ray Train checkpoint every N rounds")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="Ray Train checkpoints kept on disk")
+    g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts allowed (-1: unlimited)")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved config and partition table, then exit")
+    g.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console")
+    return p
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
+    """argv -> validated, fully resolved RunConfig (raises ConfigError on bad values)."""
+    ns = build_parser().parse_args(argv)
+    cfg = RunConfig(**vars(ns))
+    return cfg.resolved().validate()

@@ -1,0 +1,183 @@
+"""Datasets, loaded once into memory as uint8 tensors (N x C x H x W) with int64 labels.
+
+No per-sample PIL transforms: batches are sliced from the tensors and scaled to [0, 1]
+on the fly; CIFAR-10's crop-and-flip augmentation runs on whole batches.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, RunConfig
+
+
+class DataError(ConfigError):
+    """The data asked for cannot be loaded or is malformed (one-line message)."""
+
+
+@dataclass
+class ImageData:
+    x_train: torch.Tensor  # uint8, N x C x H x W
+    y_train: torch.Tensor  # int64, N
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    augment: bool = False  # CIFAR-style random crop + flip while training
+
+    @property
+    def shape(self) -> tuple:
+        """(channels, height, width) of one image."""
+        return tuple(self.x_train.shape[1:])
+
+
+def from_arrays(x_train, y_train, x_test, y_test, source: str, num_classes: Optional[int] = None,
+                augment: bool = False) -> ImageData:
+    """Validate arrays in torchvision's `.data`/`.targets` layout and convert them.
+
+    Images: uint8, N x H x W (grey) or N x H x W x C. Labels: integers 0..C-1.
+    """
+    arrays = {"x_train": np.asarray(x_train), "y_train": np.asarray(y_train),
+              "x_test": np.asarray(x_test), "y_test": np.asarray(y_test)}
+    for key in ("x_train", "x_test"):
+        a = arrays[key]
+        if a.dtype != np.uint8:
+            raise DataError(f"{source}: {key} must be uint8 pixels 0..255, got dtype {a.dtype}")
+        if a.ndim not in (3, 4):
+            raise DataError(f"{source}: {key} must be N x H x W or N x H x W x C, got shape {a.shape}")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise DataError(f"{source}: x_train images are {arrays['x_train'].shape[1:]} but x_test images are "
+                        f"{arrays['x_test'].shape[1:]}")
+    for key in ("y_train", "y_test"):
+        a = arrays[key]
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise DataError(f"{source}: {key} must be a 1-D integer array, got dtype {a.dtype} shape {a.shape}")
+    for split in ("train", "test"):
+        nx, ny = len(arrays[f"x_{split}"]), len(arrays[f"y_{split}"])
+        if nx != ny:
+            raise DataError(f"{source}: x_{split} has {nx} images but y_{split} has {ny} labels")
+        if nx == 0:
+            raise DataError(f"{source}: x_{split} is empty")
+    if num_classes is None:
+        num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+    for key in ("y_train", "y_test"):
+        lo, hi = int(arrays[key].min()), int(arrays[key].max())
+        if lo < 0 or hi >= num_classes:
+            raise DataError(f"{source}: {key} has labels in [{lo}, {hi}]; labels must be 0..{num_classes - 1}")
+    if num_classes < 2:
+        raise DataError(f"{source}: labels must cover at least 2 classes")
+
+    def images(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.unsqueeze(1) if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous()
+
+    return ImageData(
+        x_train=images(arrays["x_train"]), y_train=torch.from_numpy(arrays["y_train"].astype(np.int64)),
+        x_test=images(arrays["x_test"]), y_test=torch.from_numpy(arrays["y_test"].astype(np.int64)),
+        num_classes=num_classes, augment=augment,
+    )
+
+
+def load_npz(path: str) -> ImageData:
+    keys = ("x_train", "y_train", "x_test", "y_test")
+    if not os.path.isfile(path):
+        raise DataError(f"--data-file {path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise DataError(f"{path}: missing array(s) {', '.join(missing)}; an npz needs {', '.join(keys)} "
+                                f"(found: {', '.join(z.files) or 'none'})")
+            arrays = [z[k] for k in keys]
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    return from_arrays(*arrays, source=path)
+
+
+def load_digits() -> ImageData:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download); fixed 80/20 split."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+    labels = bunch.target.astype(np.int64)
+    order = np.random.RandomState(0).permutation(len(labels))  # fixed: the split never moves
+    n_test = len(labels) // 5
+    test, train = order[:n_test], order[n_test:]
+    return from_arrays(images[train], labels[train], images[test], labels[test], source="digits", num_classes=10)
+
+
+_TORCHVISION = {
+    # name: (torchvision class name, files torchvision expects under --data-dir)
+    "mnist": ("MNIST", "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte"),
+    "fmnist": ("FashionMNIST", "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte"),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py/{data_batch_1..5,test_batch}"),
+}
+
+
+def load_torchvision(name: str, data_dir: str, download: bool) -> ImageData:
+    import torchvision
+
+    cls_name, expected = _TORCHVISION[name]
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        train = cls(root=data_dir, train=True, download=download)
+        test = cls(root=data_dir, train=False, download=download)
+    except RuntimeError as e:
+        if download:
+            raise DataError(f"{name}: download into {os.path.abspath(data_dir)} failed ({e})") from None
+        raise DataError(f"{name}: not found in {os.path.abspath(data_dir)} (expected {expected}); "
+                        f"pass --download to fetch it, or --data-dir DIR where it already is") from None
+    except OSError as e:
+        raise DataError(f"{name}: cannot read or fetch it in {os.path.abspath(data_dir)} ({e})") from None
+
+    def as_numpy(a):
+        return a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+    return from_arrays(as_numpy(train.data), as_numpy(train.targets), as_numpy(test.data),
+                       as_numpy(test.targets), source=name, num_classes=10, augment=(name == "cifar10"))
+
+
+def load_dataset(cfg: RunConfig) -> ImageData:
+    if cfg.dataset == "digits":
+        return load_digits()
+    if cfg.dataset == "npz":
+        return load_npz(cfg.data_file)
+    return load_torchvision(cfg.dataset, cfg.data_dir, cfg.download)
+
+
+def read_idx_gz(path: str) -> np.ndarray:
+    """Read an MNIST-format idx file (gzip), e.g. t10k-images-idx3-ubyte.gz."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    magic = int.from_bytes(raw[0:4], "big")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
+    return x_uint8.float().div_(255.0)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, for a whole batch at once."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None].to(x.device)  # b x h x 1
+    cols = (dx[:, None] + torch.arange(w))[:, None, :].to(x.device)  # b x 1 x w
+    batch_idx = torch.arange(b, device=x.device)[:, None, None]
+    cropped = padded.permute(0, 2, 3, 1)[batch_idx, rows, cols]  # b x h x w x c
+    cropped = cropped.permute(0, 3, 1, 2)
+    flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped).contiguous()

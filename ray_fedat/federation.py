@@ -1,0 +1,62 @@
+"""Who trains what, and with which randomness.
+
+Clients are spread over workers in contiguous blocks; each round a seeded subset of
+clients takes part (the same subset on every worker); every random draw of a client in a
+round comes from a generator seeded by (seed, round, client), so results do not depend on
+how many workers host the clients.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def assign_clients(num_clients: int, num_workers: int) -> List[List[int]]:
+    """Client ids hosted by each worker rank: contiguous, sizes differ by at most one."""
+    return [block.tolist() for block in np.array_split(np.arange(num_clients), num_workers)]
+
+
+def derive_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def generator_for(*parts: int) -> torch.Generator:
+    """A CPU generator seeded by e.g. (seed, round, client)."""
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def sample_clients(num_clients: int, fraction: float, seed: int, round_: int) -> List[int]:
+    """The ceil(fraction * K) clients that take part in this round, sorted."""
+    if fraction >= 1.0:
+        return list(range(num_clients))
+    m = max(1, math.ceil(fraction * num_clients))
+    rng = np.random.default_rng(derive_seed(seed, round_, 0xC11E))
+    return sorted(rng.choice(num_clients, size=m, replace=False).tolist())
+
+
+def gather_client_vectors(client_ids: Sequence[int], vectors: Sequence[torch.Tensor], weights: Sequence[float],
+                          losses: Sequence[float], max_per_worker: int, dim: int, device: torch.device
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """all_gather every worker's client vectors (padded to `max_per_worker` rows, id -1 for
+    padding) and return (ids, K x D vectors, weights, losses) of all participating clients,
+    sorted by client id so that aggregation sums in the same order on any number of workers."""
+    rows = torch.zeros(max(max_per_worker, 1), dim, dtype=torch.float32, device=device)
+    meta = torch.full((max(max_per_worker, 1), 3), -1.0, dtype=torch.float64, device=device)  # id, weight, loss
+    for i, (cid, vec, w, loss) in enumerate(zip(client_ids, vectors, weights, losses)):
+        rows[i] = vec
+        meta[i] = torch.tensor([float(cid), float(w), float(loss)], dtype=torch.float64)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world > 1:
+        all_rows = [torch.empty_like(rows) for _ in range(world)]
+        all_meta = [torch.empty_like(meta) for _ in range(world)]
+        dist.all_gather(all_rows, rows)
+        dist.all_gather(all_meta, meta)
+        rows, meta = torch.cat(all_rows), torch.cat(all_meta)
+    valid = meta[:, 0] >= 0
+    rows, meta = rows[valid], meta[valid]
+    order = torch.argsort(meta[:, 0])
+    return meta[order, 0].long(), rows[order], meta[order, 1], meta[order, 2]

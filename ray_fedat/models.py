@@ -1,0 +1,88 @@
+"""Model zoo. Every model takes images in [0, 1] of any size and returns logits.
+
+`build_model(name, shape, num_classes)` is the one entry point; `shape` is (C, H, W).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import nn
+
+
+def _flat_features(features: nn.Module, shape: Tuple[int, int, int]) -> int:
+    with torch.no_grad():
+        return int(features(torch.zeros(1, *shape)).numel())
+
+
+class SmallCNN(nn.Module):
+    """The TRADES small CNN (4 conv + 3 fc, ReLU), padded so it also fits 8x8 images."""
+
+    def __init__(self, shape, num_classes):
+        super().__init__()
+        c = shape[0]
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(_flat_features(self.features, shape), 200), nn.ReLU(),
+            nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class LeNet(nn.Module):
+    """The article's LeNet-style MNIST/FMNIST network: two 5x5 conv + tanh + max-pool, two fc."""
+
+    def __init__(self, shape, num_classes):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(shape[0], 32, 5, padding=2), nn.Tanh(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(_flat_features(self.features, shape), 512), nn.Tanh(), nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class MLP(nn.Module):
+    """Two hidden layers; the fastest choice for tests and tiny inputs."""
+
+    def __init__(self, shape, num_classes, hidden=128):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(shape[0] * shape[1] * shape[2], hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def resnet18(shape, num_classes) -> nn.Module:
+    """torchvision's ResNet-18 with the usual CIFAR stem (3x3 conv, stride 1, no max-pool)."""
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=num_classes)
+    model.conv1 = nn.Conv2d(shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "smallcnn": SmallCNN,
+    "lenet": LeNet,
+    "mlp": MLP,
+    "resnet18": resnet18,
+}
+
+
+def build_model(name: str, shape, num_classes: int) -> nn.Module:
+    return MODELS[name](tuple(shape), num_classes)

@@ -1,0 +1,284 @@
+"""CLI driver: `python -m ray_fedat.train --dataset digits --workers 2 --rounds 3`.
+
+Validates the flags, loads and partitions the data, connects to (or starts) Ray, runs a
+Ray Train TorchTrainer with `worker.train_loop_per_worker`, prints one line per round,
+and writes summary.json and final_model.pt into <storage-path>/<name>/.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .config import ConfigError, RunConfig, parse_config
+
+# Ray Train's report() waits for the controller's next poll of the workers, which happens
+# every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): seconds of dead time per round.
+# Polling a handful of workers is cheap, so poll faster unless the user chose a value.
+REPORT_POLL_INTERVAL_S = "0.2"
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"ray_fedat: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def prepare_data(cfg: RunConfig):
+    """Load the dataset and split it over the clients (both on the driver, before Ray)."""
+    from .data import load_dataset
+    from .partition import class_counts, make_partition
+
+    data = load_dataset(cfg)
+    parts = make_partition(data.y_train.numpy(), cfg.clients, cfg.partition, cfg.seed, beta=cfg.beta,
+                           shards_per_client=cfg.shards_per_client, min_size=cfg.min_client_size)
+    counts = class_counts(data.y_train.numpy(), parts, data.num_classes)
+    return data, parts, counts
+
+
+def default_name(cfg: RunConfig) -> str:
+    return f"{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def connect_ray(cfg: RunConfig) -> str:
+    """Join the cluster named by --address or $RAY_ADDRESS; otherwise start a private local
+    Ray for this run (address='local' never joins a stale cluster from the temp dir)."""
+    import ray
+
+    quiet = dict(log_to_driver=cfg.verbose, logging_level=logging.INFO if cfg.verbose else logging.WARNING)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, **quiet)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            fail(f"cannot reach a Ray cluster at {address} ({str(e).splitlines()[0]}); start one with "
+                 f"`ray start --head` on the head node, or omit --address/RAY_ADDRESS to run on a local Ray")
+        return f"cluster at {address}"
+    num_cpus = max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False if not cfg.verbose else None, **quiet)
+    return f"local Ray ({num_cpus} CPUs)"
+
+
+def plan_placement(cfg: RunConfig):
+    """(use_gpu, placement strategy, a sentence for the log)."""
+    import ray
+
+    use_gpu = cfg.device == "cuda" or (
+        cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= cfg.workers)
+    if cfg.device == "cuda" and ray.cluster_resources().get("GPU", 0) < cfg.workers:
+        fail(f"--device cuda needs {cfg.workers} GPUs in the cluster, found "
+             f"{int(ray.cluster_resources().get('GPU', 0))}")
+    need = "GPU" if use_gpu else "CPU"
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(need, 0) >= 1]
+    if cfg.workers > 1 and len(nodes) >= cfg.workers:
+        return use_gpu, "STRICT_SPREAD", f"one worker per node ({cfg.workers} of {len(nodes)} nodes)"
+    return use_gpu, "PACK", f"{cfg.workers} workers packed on {len(nodes)} node(s)"
+
+
+def build_payload(cfg: RunConfig, data, parts, counts, use_gpu: bool) -> dict:
+    """What every worker receives: the config, the class counts, and either object-store
+    references to its clients' shards (--data-on driver) or the partition indices."""
+    import ray
+    import torch
+
+    from .client import ClientShard
+    from .worker import label_digest
+
+    payload = {"cfg": cfg.to_dict(), "shape": list(data.shape), "num_classes": data.num_classes,
+               "augment": data.augment, "use_gpu": use_gpu, "class_counts": counts.tolist()}
+    if cfg.data_on == "driver":
+        payload["client_refs"] = [
+            ray.put(ClientShard(cid, data.x_train[idx], data.y_train[idx], torch.tensor(counts[cid], dtype=torch.float32)))
+            for cid, idx in enumerate(map(torch.as_tensor, parts))]
+        payload["test_ref"] = ray.put((data.x_test, data.y_test))
+    else:
+        payload["partition"] = [p.astype(np.int64) for p in parts]
+        payload["label_digest"] = label_digest(data.y_train)
+    return payload
+
+
+def format_round(record: dict, total_rounds: int, started: float) -> str:
+    def pct(v):
+        return "   -  " if v is None else f"{100 * v:5.1f}%"
+
+    elapsed = time.time() - started
+    eta = elapsed / record["round"] * (total_rounds - record["round"])
+    return (f"round {record['round']:>3}/{total_rounds}  nat {pct(record['natural_acc'])}  "
+            f"rob {pct(record['robust_acc'])}  loss {record['train_loss']:.3f}  {record['round_s']:5.1f} s  "
+            f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+
+
+def follow_metrics(run_dir: str, total_rounds: int, stop: threading.Event, started: float) -> None:
+    """Print each new round of metrics.jsonl as it appears (the recorder writes it)."""
+    from .recorder import read_metrics
+
+    printed = 0
+    while True:
+        finished = stop.is_set()
+        try:
+            records = read_metrics(run_dir)
+        except (OSError, ValueError):
+            records = []
+        for record in records:
+            if record["round"] > printed:
+                print(format_round(record, total_rounds, started), flush=True)
+                printed = record["round"]
+        if finished:
+            return
+        stop.wait(0.5)
+
+
+def write_final_outputs(run_dir: str, cfg: RunConfig, result, counts, parts, placement: str, wall_s: float,
+                        status: str, error: Optional[str] = None) -> dict:
+    import torch
+
+    from .federation import assign_clients
+    from .recorder import WORKERS_FILE, atomic_write_text, best_rounds, read_metrics
+    from .worker import MODEL_FILE
+
+    records = read_metrics(run_dir)
+    final_model = None
+    if result is not None and result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
+        if records and saved["round"] == records[-1]["round"]:
+            torch.save(saved["state_dict"], os.path.join(run_dir, "final_model.pt"))
+            final_model = "final_model.pt"
+    workers_path = os.path.join(run_dir, WORKERS_FILE)
+    workers = json.load(open(workers_path)) if os.path.exists(workers_path) else []
+    evaluated = [r for r in records if r.get("natural_acc") is not None]
+    summary = {
+        "status": status,
+        "error": error,
+        "config": cfg.to_dict(),
+        "clients": [{"client": i, "size": int(c.sum()), "class_counts": c.tolist()} for i, c in enumerate(counts)],
+        "client_assignment": {str(rank): ids for rank, ids in enumerate(assign_clients(cfg.clients, cfg.workers))},
+        "placement": placement,
+        "rounds_completed": records[-1]["round"] if records else 0,
+        "final": evaluated[-1] if evaluated else None,
+        "best": best_rounds(records),
+        "final_model": final_model,
+        "wall_s": wall_s,
+        "workers": workers,
+    }
+    atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
+    return summary
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run one federated adversarial training job; returns the summary dict."""
+    from .partition import format_partition_table, label_skew
+
+    data, parts, counts = prepare_data(cfg)
+    print(f"ray_fedat: {cfg.dataset} ({len(data.y_train)} train / {len(data.y_test)} test, "
+          f"images {'x'.join(map(str, data.shape))}), {cfg.clients} clients, {cfg.partition} partition "
+          f"(label skew {label_skew(data.y_train.numpy(), parts, data.num_classes):.2f})")
+    print(format_partition_table(counts))
+    if cfg.dry_run:
+        print(json.dumps(cfg.to_dict(), indent=1))
+        return {}
+
+    name = cfg.name or default_name(cfg)
+    run_dir = os.path.join(os.path.abspath(os.path.expanduser(cfg.storage_path)), name)
+    if os.path.exists(run_dir) and os.listdir(run_dir):
+        fail(f"run directory {run_dir} already holds a run; choose another --name")
+    os.makedirs(run_dir, exist_ok=True)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
+    if not cfg.verbose:
+        logging.getLogger("ray").setLevel(logging.WARNING)
+
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .recorder import RunRecorder
+    from .worker import train_loop_per_worker
+
+    where = connect_ray(cfg)
+    try:
+        use_gpu, strategy, placement = plan_placement(cfg)
+        print(f"ray_fedat: {cfg.method} eps={cfg.epsilon:.4g} step={cfg.step_size:.4g} attack={cfg.attack_steps} "
+              f"eval=PGD-{cfg.eval_steps}, model {cfg.model}, {cfg.rounds} rounds; {where}, {placement}, "
+              f"{'GPU/nccl' if use_gpu else 'CPU/gloo'}")
+        print(f"ray_fedat: results in {run_dir}")
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=build_payload(cfg, data, parts, counts, use_gpu),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": cfg.cpus_per_worker},
+                                                   placement_strategy=strategy),
+            run_config=ray.train.RunConfig(
+                name=name, storage_path=os.path.dirname(run_dir),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                callbacks=[RunRecorder(run_dir)]),
+        )
+        started = time.time()
+        stop = threading.Event()
+        follower = threading.Thread(target=follow_metrics, args=(run_dir, cfg.rounds, stop, started), daemon=True)
+        follower.start()
+        result, status, error = None, "finished", None
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray wraps worker errors in TrainingFailedError
+            status, error = "failed", root_cause(e)
+        finally:
+            stop.set()
+            follower.join()
+        summary = write_final_outputs(run_dir, cfg, result, counts, parts, placement, time.time() - started,
+                                      status, error)
+    finally:
+        ray.shutdown()
+    if error:
+        fail(f"training failed: {error} (what was written is in {run_dir})", code=1)
+    print_summary(summary, run_dir)
+    return summary
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost error's one-line message (Ray nests the worker's exception)."""
+    seen = exc
+    while True:
+        inner = getattr(seen, "cause", None) or seen.__cause__
+        if isinstance(inner, dict):  # worker rank -> exception
+            inner = next(iter(inner.values()), None)
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    worker_errors = getattr(exc, "worker_failures", None) or {}
+    if seen is exc and worker_errors:
+        seen = next(iter(worker_errors.values()))
+    lines = [ln for ln in str(seen).strip().splitlines() if ln.strip()]
+    return f"{type(seen).__name__}: {lines[-1] if lines else ''}"
+
+
+def print_summary(summary: dict, run_dir: str) -> None:
+    final, best = summary["final"], summary["best"]
+    print(f"ray_fedat: done, {summary['rounds_completed']} rounds in {summary['wall_s']:.1f} s")
+    if final:
+        print(f"  final:  natural {100 * final['natural_acc']:.1f}%  robust {100 * final['robust_acc']:.1f}%")
+    for kind in ("natural", "robust"):
+        if best[kind]:
+            print(f"  best {kind}: {100 * best[kind][kind + '_acc']:.1f}% at round {best[kind]['round']} "
+                  f"-> {os.path.join(run_dir, best[kind]['file'])}")
+    print(f"  outputs: {run_dir}/{{metrics.jsonl,summary.json,final_model.pt}}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    try:
+        cfg = parse_config(argv)
+        run(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; everything written so far is kept", code=130)
+
+
+if __name__ == "__main__":
+    main()

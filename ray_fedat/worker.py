@@ -1,0 +1,186 @@
+"""The per-worker loop that Ray Train runs on every worker: one federated round at a time.
+
+    for each round:
+        for each of this worker's clients that take part:
+            start from the global model, adversarially train locally (no gradient sync)
+        all_gather the client models, aggregate them into the new global model
+        evaluate the global model (natural + PGD), sharded over the workers
+        ray.train.report(metrics, checkpoint from rank 0)
+
+The model is never wrapped in DistributedDataParallel: clients only meet at aggregation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .aggregation import aggregate, flatten_state, server_step, unflatten_state
+from .client import ClientShard, LocalTrainingConfig, train_client
+from .config import RunConfig
+from .evaluation import evaluate_distributed
+from .federation import assign_clients, gather_client_vectors, generator_for, sample_clients
+from .models import build_model
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "trainer_state.json"
+
+
+def label_digest(labels) -> str:
+    """A short fingerprint of a label array, to check every node holds the same data."""
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes()).hexdigest()[:16]
+
+
+def load_shards(payload: dict, my_clients: List[int]):
+    """This worker's client shards and the test set, from the object store or from local disk."""
+    import ray
+
+    cfg = RunConfig.from_dict(payload["cfg"])
+    counts = payload["class_counts"]
+    if cfg.data_on == "driver":
+        shards = {cid: ray.get(payload["client_refs"][cid]) for cid in my_clients}
+        x_test, y_test = ray.get(payload["test_ref"])
+        return shards, x_test, y_test
+    from .data import load_dataset
+
+    data = load_dataset(cfg)  # this node's own copy
+    if label_digest(data.y_train) != payload["label_digest"]:
+        raise RuntimeError(f"node {socket.gethostname()}: its copy of {cfg.dataset} differs from the driver's; "
+                           "every node needs the same files with --data-on nodes")
+    shards = {}
+    for cid in my_clients:
+        idx = torch.as_tensor(payload["partition"][cid])
+        shards[cid] = ClientShard(cid, data.x_train[idx], data.y_train[idx], torch.tensor(counts[cid], dtype=torch.float32))
+    return shards, data.x_test, data.y_test
+
+
+def worker_identity(device: torch.device) -> Dict:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"rank": dist.get_rank() if dist.is_initialized() else 0, "node_id": ctx.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(), "pid": os.getpid(),
+            "device": str(device)}
+
+
+def restore(model: torch.nn.Module, payload: dict) -> tuple:
+    """(first round to run, best-so-far metrics) from Ray Train's latest checkpoint (after a
+    worker failure) or the run being resumed; loads the model state in place."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
+            with open(os.path.join(d, STATE_FILE)) as f:
+                state = json.load(f)
+        model.load_state_dict(saved["state_dict"])
+        return state["round"] + 1, state["best"]
+    return 1, {"natural": None, "robust": None}
+
+
+def save_checkpoint(directory: str, model: torch.nn.Module, record: dict, best: dict, payload: dict) -> None:
+    torch.save({"state_dict": model.state_dict(), "round": record["round"], "metrics": record,
+                "model": payload["cfg"]["model"], "shape": payload["shape"], "num_classes": payload["num_classes"]},
+               os.path.join(directory, MODEL_FILE))
+    with open(os.path.join(directory, STATE_FILE), "w") as f:
+        json.dump({"round": record["round"], "best": best}, f)
+
+
+def improves(best: Optional[dict], value: Optional[float]) -> bool:
+    return value is not None and (best is None or value > best["value"])
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = RunConfig.from_dict(payload["cfg"])
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    device = ray.train.torch.get_device() if payload["use_gpu"] else torch.device("cpu")
+
+    clients_by_rank = assign_clients(cfg.clients, world)
+    my_clients = clients_by_rank[rank]
+    shards, x_test, y_test = load_shards(payload, my_clients)
+    if cfg.eval_samples:
+        x_test, y_test = x_test[: cfg.eval_samples], y_test[: cfg.eval_samples]
+
+    torch.manual_seed(cfg.seed)  # same initial global model on every rank
+    model = build_model(cfg.model, payload["shape"], payload["num_classes"]).to(device)
+    first_round, best = restore(model, payload)
+    global_vec, spec = flatten_state(model.state_dict())
+    global_vec = global_vec.to(device)
+    local_cfg = LocalTrainingConfig(cfg.method, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
+                                    cfg.weight_decay, cfg.epsilon, cfg.step_size, cfg.attack_steps,
+                                    cfg.trades_beta, cfg.calfat_tau, payload["augment"])
+    identity = worker_identity(device)
+
+    for round_ in range(first_round, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        participants = sample_clients(cfg.clients, cfg.client_fraction, cfg.seed, round_)
+        mine = [c for c in my_clients if c in set(participants)]
+        vectors, weights, losses = [], [], []
+        for cid in mine:
+            model.load_state_dict(unflatten_state(global_vec, spec))
+            loss = train_client(model, shards[cid], local_cfg, generator_for(cfg.seed, round_, cid), device)
+            vectors.append(flatten_state(model.state_dict())[0])
+            weights.append(len(shards[cid]))
+            losses.append(loss)
+        t_train = time.perf_counter()
+
+        most_per_worker = max(sum(c in set(participants) for c in block) for block in clients_by_rank)
+        ids, stacked, w, client_losses = gather_client_vectors(mine, vectors, weights, losses, most_per_worker,
+                                                               global_vec.numel(), device)
+        aggregated = aggregate(cfg.aggregator, stacked, w, cfg.trim_ratio)
+        global_vec = server_step(global_vec, aggregated, cfg.server_lr)
+        if not torch.isfinite(global_vec).all():
+            raise FloatingPointError(f"round {round_}: the aggregated model has NaN/inf parameters "
+                                     "(try a smaller --lr); the last good checkpoint is kept")
+        model.load_state_dict(unflatten_state(global_vec, spec))
+        t_agg = time.perf_counter()
+
+        evaluated = round_ % cfg.eval_every == 0 or round_ == cfg.rounds
+        scores = {"natural_acc": None, "robust_acc": None, "eval_images": 0}
+        if evaluated:
+            scores = evaluate_distributed(model, x_test, y_test, epsilon=cfg.epsilon, step_size=cfg.step_size,
+                                          steps=cfg.eval_steps, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                                          round_=round_, device=device)
+        t_eval = time.perf_counter()
+
+        record = {
+            "round": round_,
+            **scores,
+            "train_loss": float((client_losses * w).sum() / w.sum()),
+            "participants": ids.tolist(),
+            "round_s": t_eval - t0,
+            "train_s": t_train - t0,
+            "aggregate_s": t_agg - t_train,
+            "eval_s": t_eval - t_agg,
+        }
+        new_best = {"natural": improves(best["natural"], record["natural_acc"]),
+                    "robust": improves(best["robust"], record["robust_acc"])}
+        for kind, key in (("natural", "natural_acc"), ("robust", "robust_acc")):
+            if new_best[kind]:
+                best[kind] = {"value": record[key], "round": round_}
+        record["best_natural"], record["best_robust"] = new_best["natural"], new_best["robust"]
+
+        wants_checkpoint = (round_ % cfg.checkpoint_every == 0 or round_ == cfg.rounds
+                            or new_best["natural"] or new_best["robust"])
+        metrics = {**record, "worker": identity}
+        if rank == 0 and wants_checkpoint:
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(d, model, record, best, payload)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
