@@ -64,8 +64,8 @@ def from_arrays(x_train, y_train, x_test, y_test, source: str, num_classes: Opti
             raise DataError(f"{source}: x_{split} has {nx} images but y_{split} has {ny} labels")
         if nx == 0:
             raise DataError(f"{source}: x_{split} is empty")
-    if num_classes is None:
-        num_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
+    if num_classes is None:  # the classes are the ones training shows: 0..max(y_train)
+        num_classes = int(arrays["y_train"].max()) + 1
     for key in ("y_train", "y_test"):
         lo, hi = int(arrays[key].min()), int(arrays[key].max())
         if lo < 0 or hi >= num_classes:
@@ -117,9 +117,11 @@ def load_digits() -> ImageData:
 
 _TORCHVISION = {
     # name: (torchvision class name, files torchvision expects under --data-dir)
-    "mnist": ("MNIST", "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte"),
-    "fmnist": ("FashionMNIST", "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte"),
-    "cifar10": ("CIFAR10", "cifar-10-batches-py/{data_batch_1..5,test_batch}"),
+    "mnist": ("MNIST", "MNIST/raw/ with train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                       "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"),
+    "fmnist": ("FashionMNIST", "FashionMNIST/raw/ with train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                               "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py/ with data_batch_1 .. data_batch_5, test_batch, batches.meta"),
 }
 
 

@@ -53,7 +53,7 @@ class RunRecorder(UserCallback):
             self._copy_best_models(checkpoint, record)
 
     def _copy_best_models(self, checkpoint, record: Dict[str, Any]) -> None:
-        from .worker import MODEL_FILE
+        from .checkpoints import MODEL_FILE
 
         with checkpoint.as_directory() as d:
             for kind, filename in BEST_FILES.items():

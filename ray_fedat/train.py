@@ -45,11 +45,15 @@ def default_name(cfg: RunConfig) -> str:
     return f"{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def connect_ray(cfg: RunConfig) -> str:
-    """Join the cluster named by --address or $RAY_ADDRESS; otherwise start a private local
-    Ray for this run (address='local' never joins a stale cluster from the temp dir)."""
+def connect_ray(cfg: RunConfig) -> tuple:
+    """(description, whether we started it). Reuse a Ray already initialised in this
+    process (notebooks, tests); else join the cluster named by --address or $RAY_ADDRESS;
+    else start a private local Ray for this run (address='local' never joins a stale
+    cluster that the temp dir's ray_current_cluster file still names)."""
     import ray
 
+    if ray.is_initialized():
+        return "the Ray already running in this process", False
     quiet = dict(log_to_driver=cfg.verbose, logging_level=logging.INFO if cfg.verbose else logging.WARNING)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -58,10 +62,10 @@ def connect_ray(cfg: RunConfig) -> str:
         except (ConnectionError, RuntimeError, ValueError) as e:
             fail(f"cannot reach a Ray cluster at {address} ({str(e).splitlines()[0]}); start one with "
                  f"`ray start --head` on the head node, or omit --address/RAY_ADDRESS to run on a local Ray")
-        return f"cluster at {address}"
+        return f"cluster at {address}", True
     num_cpus = max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False if not cfg.verbose else None, **quiet)
-    return f"local Ray ({num_cpus} CPUs)"
+    return f"local Ray ({num_cpus} CPUs)", True
 
 
 def plan_placement(cfg: RunConfig):
@@ -139,15 +143,15 @@ def write_final_outputs(run_dir: str, cfg: RunConfig, result, counts, parts, pla
 
     from .federation import assign_clients
     from .recorder import WORKERS_FILE, atomic_write_text, best_rounds, read_metrics
-    from .worker import MODEL_FILE
+    from .checkpoints import MODEL_FILE, load_model_file
 
     records = read_metrics(run_dir)
     final_model = None
     if result is not None and result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
-        if records and saved["round"] == records[-1]["round"]:
-            torch.save(saved["state_dict"], os.path.join(run_dir, "final_model.pt"))
+            state_dict, meta = load_model_file(os.path.join(d, MODEL_FILE))
+        if records and meta["round"] == records[-1]["round"]:
+            torch.save(state_dict, os.path.join(run_dir, "final_model.pt"))
             final_model = "final_model.pt"
     workers_path = os.path.join(run_dir, WORKERS_FILE)
     workers = json.load(open(workers_path)) if os.path.exists(workers_path) else []
@@ -199,7 +203,7 @@ def run(cfg: RunConfig) -> dict:
     from .recorder import RunRecorder
     from .worker import train_loop_per_worker
 
-    where = connect_ray(cfg)
+    where, owns_ray = connect_ray(cfg)
     try:
         use_gpu, strategy, placement = plan_placement(cfg)
         print(f"ray_fedat: {cfg.method} eps={cfg.epsilon:.4g} step={cfg.step_size:.4g} attack={cfg.attack_steps} "
@@ -234,7 +238,8 @@ def run(cfg: RunConfig) -> dict:
         summary = write_final_outputs(run_dir, cfg, result, counts, parts, placement, time.time() - started,
                                       status, error)
     finally:
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
     if error:
         fail(f"training failed: {error} (what was written is in {run_dir})", code=1)
     print_summary(summary, run_dir)

@@ -23,15 +23,12 @@ import torch
 import torch.distributed as dist
 
 from .aggregation import aggregate, flatten_state, server_step, unflatten_state
+from .checkpoints import MODEL_FILE, STATE_FILE, load_model_file, save_checkpoint
 from .client import ClientShard, LocalTrainingConfig, train_client
 from .config import RunConfig
 from .evaluation import evaluate_distributed
 from .federation import assign_clients, gather_client_vectors, generator_for, sample_clients
 from .models import build_model
-
-MODEL_FILE = "model.pt"
-STATE_FILE = "trainer_state.json"
-
 
 def label_digest(labels) -> str:
     """A short fingerprint of a label array, to check every node holds the same data."""
@@ -80,20 +77,12 @@ def restore(model: torch.nn.Module, payload: dict) -> tuple:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            saved = torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
+            state_dict, _ = load_model_file(os.path.join(d, MODEL_FILE))
             with open(os.path.join(d, STATE_FILE)) as f:
                 state = json.load(f)
-        model.load_state_dict(saved["state_dict"])
+        model.load_state_dict(state_dict)
         return state["round"] + 1, state["best"]
     return 1, {"natural": None, "robust": None}
-
-
-def save_checkpoint(directory: str, model: torch.nn.Module, record: dict, best: dict, payload: dict) -> None:
-    torch.save({"state_dict": model.state_dict(), "round": record["round"], "metrics": record,
-                "model": payload["cfg"]["model"], "shape": payload["shape"], "num_classes": payload["num_classes"]},
-               os.path.join(directory, MODEL_FILE))
-    with open(os.path.join(directory, STATE_FILE), "w") as f:
-        json.dump({"round": record["round"], "best": best}, f)
 
 
 def improves(best: Optional[dict], value: Optional[float]) -> bool:
@@ -180,7 +169,7 @@ def train_loop_per_worker(payload: dict) -> None:
         metrics = {**record, "worker": identity}
         if rank == 0 and wants_checkpoint:
             with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(d, model, record, best, payload)
+                save_checkpoint(d, model, record, best, cfg.model, payload["shape"], payload["num_classes"])
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)

@@ -1,0 +1,132 @@
+"""Evaluate a saved model: `python -m ray_fedat.evaluate --checkpoint RUN_DIR/best_robust.pt`.
+
+Natural accuracy plus a white-box attack: PGD-k (CE loss, random start) or AutoAttack
+(the optional extra `ray-fedat[autoattack]`). The dataset and epsilon default to the
+run's own settings (from the checkpoint or the summary.json beside it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from .checkpoints import load_model_file
+from .config import DATASET_DEFAULTS, ConfigError, RunConfig, _OneLineParser, parse_fraction
+from .data import load_dataset, to_float
+from .evaluation import count_correct
+from .models import build_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="python -m ray_fedat.evaluate", description=__doc__.splitlines()[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="best_natural.pt, best_robust.pt or final_model.pt of a run")
+    p.add_argument("--attack", choices=("pgd", "autoattack"), default="pgd", help="white-box attack")
+    p.add_argument("--steps", type=int, default=None, help="PGD steps (default: the run's --eval-steps)")
+    p.add_argument("--epsilon", type=parse_fraction, default=None, help="L-inf budget (default: the run's)")
+    p.add_argument("--step-size", type=parse_fraction, default=None, help="PGD step size (default: the run's)")
+    p.add_argument("--dataset", default=None, help="override the run's dataset")
+    p.add_argument("--data-file", default=None, help="override the run's --data-file (npz)")
+    p.add_argument("--data-dir", default=None, help="override the run's --data-dir")
+    p.add_argument("--samples", type=int, default=None, help="evaluate the first N test images")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--output", default=None, help="JSON results path (default: <checkpoint>.eval.json)")
+    return p
+
+
+def run_config_for(meta: dict, checkpoint: str, args) -> RunConfig:
+    """The run's configuration (from the model file or summary.json), with overrides."""
+    saved = meta.get("config")
+    if saved is None:
+        summary = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "summary.json")
+        if os.path.isfile(summary):
+            with open(summary) as f:
+                saved = json.load(f)["config"]
+    cfg = RunConfig.from_dict(saved) if saved else RunConfig(model=meta.get("model"))
+    for key in ("dataset", "data_file", "data_dir", "epsilon", "step_size"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if not saved and args.dataset is None:
+        raise ConfigError(f"{checkpoint}: no summary.json beside it; pass --dataset (and --data-file for npz)")
+    defaults = DATASET_DEFAULTS[cfg.dataset] if cfg.dataset in DATASET_DEFAULTS else None
+    if defaults is None:
+        raise ConfigError(f"--dataset {cfg.dataset!r} is not known")
+    cfg.epsilon = cfg.epsilon if cfg.epsilon is not None else defaults.epsilon
+    cfg.step_size = cfg.step_size if cfg.step_size is not None else defaults.step_size
+    cfg.eval_steps = args.steps if args.steps is not None else (cfg.eval_steps or defaults.eval_steps)
+    return cfg
+
+
+def autoattack_accuracy(model, x_uint8, y, eps: float, num_classes: int, batch_size: int, seed: int, device) -> float:
+    try:
+        import torchattacks
+    except ImportError:
+        raise ConfigError("--attack autoattack needs the optional extra: pip install 'ray-fedat[autoattack]'") from None
+    attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes, seed=seed)
+    correct = 0
+    for start in range(0, len(y), batch_size):
+        x = to_float(x_uint8[start:start + batch_size]).to(device)
+        t = y[start:start + batch_size].to(device)
+        with torch.no_grad():
+            correct += (model(attack(x, t)).argmax(1) == t).sum().item()
+    return correct / len(y)
+
+
+def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    state_dict, meta = load_model_file(args.checkpoint)
+    cfg = run_config_for(meta, args.checkpoint, args)
+    data = load_dataset(cfg)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    model = build_model(meta.get("model") or cfg.model, data.shape, data.num_classes)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        raise ConfigError(f"{args.checkpoint}: weights do not fit model {cfg.model} on {cfg.dataset} "
+                          f"({str(e).splitlines()[0]})") from None
+    model.to(device).eval()
+    x, y = data.x_test, data.y_test
+    if args.samples:
+        x, y = x[: args.samples], y[: args.samples]
+    started = time.time()
+    steps = cfg.eval_steps if args.attack == "pgd" else 0
+    n, natural, robust = count_correct(model, x, y, epsilon=cfg.epsilon, step_size=cfg.step_size, steps=steps,
+                                       batch_size=args.batch_size, seed=args.seed, round_=0, device=device).tolist()
+    result = {"checkpoint": os.path.abspath(args.checkpoint), "round": meta.get("round"), "dataset": cfg.dataset,
+              "model": meta.get("model") or cfg.model, "images": int(n), "epsilon": cfg.epsilon,
+              "natural_acc": natural / n}
+    if args.attack == "pgd":
+        result.update(attack=f"PGD-{cfg.eval_steps}", step_size=cfg.step_size, robust_acc=robust / n)
+    else:
+        result.update(attack="AutoAttack (standard)", robust_acc=autoattack_accuracy(
+            model, x, y, cfg.epsilon, data.num_classes, args.batch_size, args.seed, device))
+    result["seconds"] = time.time() - started
+    output = args.output or args.checkpoint + ".eval.json"
+    with open(output, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"{'checkpoint':<12}{result['checkpoint']}")
+    print(f"{'data':<12}{cfg.dataset}, {result['images']} test images, eps={cfg.epsilon:.4g}")
+    print(f"{'natural':<12}{100 * result['natural_acc']:6.2f}%")
+    print(f"{result['attack']:<12}{100 * result['robust_acc']:6.2f}%")
+    print(f"{'written':<12}{output}")
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    try:
+        evaluate(argv)
+    except ConfigError as e:
+        print(f"ray_fedat.evaluate: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pytest
+
+from ray_fedat.config import ConfigError, parse_config
+
+
+def test_per_dataset_defaults_follow_the_article():
+    mnist = parse_config(["--dataset", "mnist"])
+    assert (mnist.epsilon, mnist.step_size, mnist.attack_steps, mnist.eval_steps) == (0.3, 0.01, 40, 40)
+    fmnist = parse_config(["--dataset", "fmnist"])
+    assert (fmnist.epsilon, fmnist.attack_steps, fmnist.eval_steps) == (0.3, 10, 20)
+    cifar = parse_config(["--dataset", "cifar10"])
+    assert cifar.epsilon == pytest.approx(8 / 255) and cifar.step_size == pytest.approx(2 / 255)
+    assert cifar.model == "resnet18"
+
+
+def test_epsilon_accepts_a_fraction_and_clients_default_to_workers():
+    cfg = parse_config(["--dataset", "cifar10", "--epsilon", "4/255", "--workers", "3"])
+    assert cfg.epsilon == pytest.approx(4 / 255)
+    assert cfg.clients == 3
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "0"], ["--epsilon", "-0.1"], ["--clients", "0"],
+                                  ["--client-fraction", "0"], ["--model", "vgg99"], ["--partition", "zipf"]])
+def test_bad_values_raise_config_error(argv):
+    with pytest.raises(ConfigError):
+        parse_config(["--dataset", "digits", *argv])
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--dataset", "imagenet"], "--dataset 'imagenet' is not one of"),
+    (["--dataset", "digits", "--rounds", "0"], "--rounds must be >= 1"),
+    (["--dataset", "digits", "--epsilon", "-0.3"], "--epsilon must be in [0, 1]"),
+    (["--dataset", "npz"], "--dataset npz needs --data-file"),
+    (["--dataset", "digits", "--epsilon", "eight"], "is not a number or a fraction"),
+    (["--dataset", "digits", "--wrokers", "2"], "unrecognized arguments"),
+])
+def test_cli_rejects_bad_input_with_one_line_before_ray_starts(argv, expected):
+    code = ("import sys\nfrom ray_fedat.train import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    print('exit', e.code, 'ray-imported', 'ray' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    err_lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(err_lines) == 1, proc.stderr
+    assert expected in err_lines[0]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.strip() == "exit 2 ray-imported False"
+
+
+def test_help_documents_every_public_flag():
+    out = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--help"], capture_output=True, text=True,
+                         timeout=120).stdout
+    for flag in ["--dataset", "--data-file", "--data-dir", "--download", "--no-download", "--clients", "--partition",
+                 "--beta", "--rounds", "--local-epochs", "--batch-size", "--lr", "--momentum", "--weight-decay",
+                 "--method", "--epsilon", "--step-size", "--attack-steps", "--eval-steps", "--model", "--workers",
+                 "--device", "--address", "--storage-path", "--name", "--seed"]:
+        assert flag in out, flag
