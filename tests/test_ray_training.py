@@ -1,0 +1,168 @@
+"""Real Ray Train runs on a local Ray (one shared instance, see conftest.ray_session)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ray_fedat.config import parse_config
+from ray_fedat.train import run
+
+pytestmark = pytest.mark.ray
+
+TIMING_KEYS = {"round_s", "train_s", "aggregate_s", "eval_s"}
+
+
+def train(tmp_path, name, *argv):
+    cfg = parse_config(["--dataset", "digits", "--storage-path", str(tmp_path), "--name", name, *argv])
+    summary = run(cfg)
+    run_dir = os.path.join(str(tmp_path), name)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return summary, records, run_dir
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def final_state(run_dir):
+    return torch.load(os.path.join(run_dir, "final_model.pt"), weights_only=True)
+
+
+def max_abs_diff(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_cli_end_to_end_on_local_ray_with_two_workers(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
+                           "--rounds", "2", "--storage-path", str(tmp_path), "--name", "e2e"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "round   2/2" in proc.stdout and "Traceback" not in proc.stderr
+    run_dir = tmp_path / "e2e"
+    for name in ("metrics.jsonl", "summary.json", "final_model.pt", "best_natural.pt", "best_robust.pt"):
+        assert (run_dir / name).is_file(), name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    for r in records:
+        for key in ("natural_acc", "robust_acc", "train_loss", "round_s", "train_s", "aggregate_s", "eval_s"):
+            assert isinstance(r[key], float), key
+        assert r["robust_acc"] <= r["natural_acc"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["status"] == "finished"
+    assert [w["rank"] for w in summary["workers"]] == [0, 1]
+    assert len({w["pid"] for w in summary["workers"]}) == 2
+    assert all(w["node_ip"] and w["node_id"] and w["device"] == "cpu" for w in summary["workers"])
+    assert [c["size"] for c in summary["clients"]] and sum(c["size"] for c in summary["clients"]) == 1438
+    assert summary["best"]["robust"]["robust_acc"] == max(r["robust_acc"] for r in records)
+    assert summary["config"]["epsilon"] == 0.1 and summary["wall_s"] > 0
+    state = torch.load(run_dir / "final_model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def averaging_probe(config):
+    """Runs on each Ray Train worker: train one client, aggregate over all_gather, dump both."""
+    import ray.train
+
+    from ray_fedat.aggregation import aggregate, flatten_state, unflatten_state
+    from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client
+    from ray_fedat.data import load_digits
+    from ray_fedat.federation import gather_client_vectors, generator_for
+    from ray_fedat.models import build_model
+
+    rank = ray.train.get_context().get_world_rank()
+    data = load_digits()
+    idx = torch.arange(rank, 400, 2)
+    torch.manual_seed(0)
+    model = build_model("mlp", data.shape, 10)
+    shard = ClientShard(rank, data.x_train[idx], data.y_train[idx], torch.ones(10))
+    cfg = LocalTrainingConfig("pgd", 1, 32, 0.05, 0.9, 0.0, 0.1, 0.025, 2, 6.0, 0.1, False)
+    train_client(model, shard, cfg, generator_for(0, 1, rank), torch.device("cpu"))
+    local, spec = flatten_state(model.state_dict())
+    ids, stacked, w, _ = gather_client_vectors([rank], [local], [len(idx) + rank * 100], [0.0], 1, local.numel(),
+                                               torch.device("cpu"))
+    model.load_state_dict(unflatten_state(aggregate("fedavg", stacked, w), spec))
+    torch.save({"local": local, "weight": len(idx) + rank * 100, "global": flatten_state(model.state_dict())[0]},
+               os.path.join(config["out"], f"rank{rank}.pt"))
+
+
+def test_after_aggregation_both_ranks_hold_the_weighted_mean_of_their_local_models(tmp_path, ray_session):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    TorchTrainer(averaging_probe, train_loop_config={"out": str(tmp_path)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=2),
+                 run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"), name="probe")).fit()
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.allclose(r0["local"], r1["local"])  # the clients really differed
+    assert torch.equal(r0["global"], r1["global"])
+    expected = (r0["weight"] * r0["local"] + r1["weight"] * r1["local"]) / (r0["weight"] + r1["weight"])
+    assert torch.allclose(r0["global"], expected, atol=1e-6)
+
+
+def test_same_seed_same_metrics_and_model_and_evaluate_round_trips(tmp_path, ray_session):
+    _, a, dir_a = train(tmp_path, "a", "--rounds", "2")
+    _, b, dir_b = train(tmp_path, "b", "--rounds", "2")
+    assert comparable(a) == comparable(b)
+    assert max_abs_diff(final_state(dir_a), final_state(dir_b)) == 0.0
+    _, c, _ = train(tmp_path, "c", "--rounds", "2", "--seed", "1")
+    assert comparable(c) != comparable(a)
+
+    from ray_fedat.evaluate import evaluate
+
+    result = evaluate(["--checkpoint", os.path.join(dir_a, "final_model.pt")])
+    assert result["natural_acc"] == pytest.approx(a[-1]["natural_acc"])
+    assert result["robust_acc"] <= result["natural_acc"]
+    assert os.path.isfile(os.path.join(dir_a, "final_model.pt.eval.json"))
+
+
+def test_four_clients_give_the_same_model_on_one_two_and_four_workers(tmp_path, ray_session):
+    runs = {n: train(tmp_path, f"w{n}", "--clients", "4", "--workers", str(n), "--rounds", "2",
+                     "--partition", "dirichlet", "--beta", "0.5") for n in (1, 2, 4)}
+    models = {n: final_state(run_dir) for n, (_, _, run_dir) in runs.items()}
+    assert max_abs_diff(models[1], models[2]) <= 1e-5
+    assert max_abs_diff(models[1], models[4]) <= 1e-5
+    assert comparable(runs[1][1]) == comparable(runs[2][1]) == comparable(runs[4][1])
+    assert runs[4][0]["client_assignment"] == {"0": [0], "1": [1], "2": [2], "3": [3]}
+    assert len({w["pid"] for w in runs[4][0]["workers"]}) == 4
+
+
+def test_client_fraction_samples_clients_and_records_them(tmp_path, ray_session):
+    summary, records, _ = train(tmp_path, "frac", "--clients", "6", "--client-fraction", "0.5", "--rounds", "3")
+    for r in records:
+        assert len(r["participants"]) == 3 and set(r["participants"]) <= set(range(6))
+    assert len({tuple(r["participants"]) for r in records}) > 1
+    assert summary["client_assignment"] == {"0": [0, 1, 2], "1": [3, 4, 5]}
+
+
+def test_dirichlet_four_clients_on_two_workers_reports_client_statistics(tmp_path, ray_session):
+    summary, records, _ = train(tmp_path, "dir", "--clients", "4", "--partition", "dirichlet", "--beta", "0.1",
+                                "--rounds", "1", "--min-client-size", "20")
+    assert len(summary["clients"]) == 4 and records[-1]["round"] == 1
+    for c in summary["clients"]:
+        assert c["size"] == sum(c["class_counts"]) >= 20
+    # beta = 0.1: strongly skewed, some client misses some classes entirely
+    assert any(0 in c["class_counts"] for c in summary["clients"])
+
+
+def no_ddp_loop(payload):
+    import torch.nn.parallel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("DistributedDataParallel must never wrap a federated client model")
+
+    torch.nn.parallel.DistributedDataParallel.__init__ = refuse
+    from ray_fedat.worker import train_loop_per_worker
+
+    train_loop_per_worker(payload)
+
+
+def test_no_ddp_wrapper_is_created_during_federated_training(tmp_path, ray_session, monkeypatch):
+    import ray_fedat.worker
+
+    monkeypatch.setattr(ray_fedat.worker, "train_loop_per_worker", no_ddp_loop)
+    summary, records, _ = train(tmp_path, "noddp", "--rounds", "1")
+    assert summary["status"] == "finished" and records[-1]["round"] == 1
