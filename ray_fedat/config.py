@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ class RunConfig:
     checkpoint_every: int = 1
     keep_checkpoints: int = 2
     max_failures: int = 0
+    resume: Optional[str] = None
     dry_run: bool = False
     verbose: bool = False
 
@@ -186,6 +188,15 @@ def parse_fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction like 8/255") from None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a flag's default only where it has one (not 'None' for per-dataset defaults)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2."""
 
@@ -199,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ray_fedat.train",
         description="Federated adversarial training on a Ray cluster (Ray Train TorchTrainer, "
         "one worker per node). Defaults marked 'per dataset' follow the CalFAT article.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)}")
@@ -252,13 +263,51 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="Ray Train checkpoint every N rounds")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="Ray Train checkpoints kept on disk")
     g.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts allowed (-1: unlimited)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a finished or interrupted run from its latest checkpoint, with its own settings; "
+                   f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and partition table, then exit")
     g.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console")
     return p
 
 
+# What a resumed run may change: how long and where it runs, not what it learns.
+RESUMABLE = ("rounds", "workers", "cpus_per_worker", "device", "address", "max_failures", "eval_every",
+             "checkpoint_every", "keep_checkpoints", "verbose")
+
+
+def explicit_flags(argv: Optional[Sequence[str]]) -> dict:
+    """Only the flags actually given on the command line (defaults suppressed)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def resume_config(run_dir: str, given: dict) -> RunConfig:
+    """The saved configuration of the run in `run_dir`, with the allowed overrides."""
+    summary = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(summary):
+        raise ConfigError(f"--resume {run_dir}: no summary.json there; is it a ray_fedat run directory?")
+    try:
+        with open(summary) as f:
+            saved = json.load(f)["config"]
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"--resume {run_dir}: summary.json is unreadable ({e})") from None
+    changed = sorted(k for k in given if k not in RESUMABLE and k != "resume" and given[k] != saved.get(k))
+    if changed:
+        raise ConfigError(f"--resume keeps the run's own settings; cannot change "
+                          f"{', '.join('--' + k.replace('_', '-') for k in changed)} "
+                          f"(allowed: {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})")
+    cfg = RunConfig.from_dict({**saved, **given})
+    cfg.resume = os.path.abspath(run_dir)
+    cfg.storage_path, cfg.name = os.path.split(cfg.resume)
+    return cfg
+
+
 def parse_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
     """argv -> validated, fully resolved RunConfig (raises ConfigError on bad values)."""
     ns = build_parser().parse_args(argv)
-    cfg = RunConfig(**vars(ns))
-    return cfg.resolved().validate()
+    if ns.resume:
+        return resume_config(ns.resume, explicit_flags(argv)).resolved().validate()
+    return RunConfig(**vars(ns)).resolved().validate()

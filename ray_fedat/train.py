@@ -106,22 +106,23 @@ def build_payload(cfg: RunConfig, data, parts, counts, use_gpu: bool) -> dict:
     return payload
 
 
-def format_round(record: dict, total_rounds: int, started: float) -> str:
+def format_round(record: dict, total_rounds: int, started: float, rounds_before: int = 0) -> str:
     def pct(v):
         return "   -  " if v is None else f"{100 * v:5.1f}%"
 
     elapsed = time.time() - started
-    eta = elapsed / record["round"] * (total_rounds - record["round"])
+    eta = elapsed / max(record["round"] - rounds_before, 1) * (total_rounds - record["round"])
     return (f"round {record['round']:>3}/{total_rounds}  nat {pct(record['natural_acc'])}  "
             f"rob {pct(record['robust_acc'])}  loss {record['train_loss']:.3f}  {record['round_s']:5.1f} s  "
             f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
-def follow_metrics(run_dir: str, total_rounds: int, stop: threading.Event, started: float) -> None:
+def follow_metrics(run_dir: str, total_rounds: int, stop: threading.Event, started: float,
+                   rounds_before: int) -> None:
     """Print each new round of metrics.jsonl as it appears (the recorder writes it)."""
     from .recorder import read_metrics
 
-    printed = 0
+    printed = rounds_before
     while True:
         finished = stop.is_set()
         try:
@@ -130,31 +131,42 @@ def follow_metrics(run_dir: str, total_rounds: int, stop: threading.Event, start
             records = []
         for record in records:
             if record["round"] > printed:
-                print(format_round(record, total_rounds, started), flush=True)
+                print(format_round(record, total_rounds, started, rounds_before), flush=True)
                 printed = record["round"]
         if finished:
             return
         stop.wait(0.5)
 
 
-def write_final_outputs(run_dir: str, cfg: RunConfig, result, counts, parts, placement: str, wall_s: float,
-                        status: str, error: Optional[str] = None) -> dict:
+def save_final_model(run_dir: str, result, records: List[dict]) -> Optional[str]:
+    """final_model.pt: the global model of the last round, from Ray Train's last checkpoint."""
     import torch
 
-    from .federation import assign_clients
-    from .recorder import WORKERS_FILE, atomic_write_text, best_rounds, read_metrics
     from .checkpoints import MODEL_FILE, load_model_file
 
+    if result is None or result.checkpoint is None or not records:
+        return None
+    with result.checkpoint.as_directory() as d:
+        state_dict, meta = load_model_file(os.path.join(d, MODEL_FILE))
+    if meta["round"] != records[-1]["round"]:
+        return None
+    torch.save(state_dict, os.path.join(run_dir, "final_model.pt"))
+    return "final_model.pt"
+
+
+def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: str, wall_s: float = 0.0,
+                  final_model: Optional[str] = None, error: Optional[str] = None) -> dict:
+    """summary.json: written when the run starts (so an interrupted run can be resumed)
+    and again when it ends."""
+    from .federation import assign_clients
+    from .recorder import WORKERS_FILE, atomic_write_text, best_rounds, read_metrics
+
     records = read_metrics(run_dir)
-    final_model = None
-    if result is not None and result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
-            state_dict, meta = load_model_file(os.path.join(d, MODEL_FILE))
-        if records and meta["round"] == records[-1]["round"]:
-            torch.save(state_dict, os.path.join(run_dir, "final_model.pt"))
-            final_model = "final_model.pt"
     workers_path = os.path.join(run_dir, WORKERS_FILE)
-    workers = json.load(open(workers_path)) if os.path.exists(workers_path) else []
+    workers = []
+    if os.path.exists(workers_path):
+        with open(workers_path) as f:
+            workers = json.load(f)
     evaluated = [r for r in records if r.get("natural_acc") is not None]
     summary = {
         "status": status,
@@ -189,8 +201,10 @@ def run(cfg: RunConfig) -> dict:
 
     name = cfg.name or default_name(cfg)
     run_dir = os.path.join(os.path.abspath(os.path.expanduser(cfg.storage_path)), name)
-    if os.path.exists(run_dir) and os.listdir(run_dir):
-        fail(f"run directory {run_dir} already holds a run; choose another --name")
+    if cfg.resume:
+        print(f"ray_fedat: resuming {run_dir} up to round {cfg.rounds}")
+    elif os.path.exists(run_dir) and os.listdir(run_dir):
+        fail(f"run directory {run_dir} already holds a run; choose another --name, or --resume {run_dir}")
     os.makedirs(run_dir, exist_ok=True)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
     if not cfg.verbose:
@@ -200,7 +214,7 @@ def run(cfg: RunConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .recorder import RunRecorder
+    from .recorder import RunRecorder, read_metrics
     from .worker import train_loop_per_worker
 
     where, owns_ray = connect_ray(cfg)
@@ -223,9 +237,12 @@ def run(cfg: RunConfig) -> dict:
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                 callbacks=[RunRecorder(run_dir)]),
         )
+        write_summary(run_dir, cfg, counts, placement, status="running")
         started = time.time()
         stop = threading.Event()
-        follower = threading.Thread(target=follow_metrics, args=(run_dir, cfg.rounds, stop, started), daemon=True)
+        rounds_before = len(read_metrics(run_dir))
+        follower = threading.Thread(target=follow_metrics, args=(run_dir, cfg.rounds, stop, started, rounds_before),
+                                    daemon=True)
         follower.start()
         result, status, error = None, "finished", None
         try:
@@ -235,8 +252,8 @@ def run(cfg: RunConfig) -> dict:
         finally:
             stop.set()
             follower.join()
-        summary = write_final_outputs(run_dir, cfg, result, counts, parts, placement, time.time() - started,
-                                      status, error)
+        final_model = save_final_model(run_dir, result, read_metrics(run_dir))
+        summary = write_summary(run_dir, cfg, counts, placement, status, time.time() - started, final_model, error)
     finally:
         if owns_ray:
             ray.shutdown()

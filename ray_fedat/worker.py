@@ -152,6 +152,7 @@ def train_loop_per_worker(payload: dict) -> None:
             **scores,
             "train_loss": float((client_losses * w).sum() / w.sum()),
             "participants": ids.tolist(),
+            "resumed_from": first_round,  # 1, or the round this worker group restarted at
             "round_s": t_eval - t0,
             "train_s": t_train - t0,
             "aggregate_s": t_agg - t_train,

@@ -1,0 +1,112 @@
+"""Checkpoints, resume and surviving a killed worker (real Ray Train runs)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_ray_training import comparable, final_state, max_abs_diff, train
+
+pytestmark = pytest.mark.ray
+
+
+def read_records(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_a_killed_worker_costs_nothing(tmp_path, ray_session):
+    args = ["--dataset", "digits", "--rounds", "8", "--local-epochs", "2", "--max-failures", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", *args, "--storage-path", str(tmp_path),
+                             "--name", "killed"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = str(tmp_path / "killed")
+    deadline = time.time() + 300
+    victim = None
+    while time.time() < deadline and proc.poll() is None:
+        if len(read_records(run_dir)) >= 2:
+            with open(os.path.join(run_dir, "workers.json")) as f:
+                victim = next(w for w in json.load(f) if w["rank"] == 1)
+            os.kill(victim["pid"], signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    assert victim is not None, "the run ended or stalled before a worker could be killed"
+    killed_after = len(read_records(run_dir))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+
+    records = read_records(run_dir)
+    assert [r["round"] for r in records] == list(range(1, 9))
+    restarted = [r for r in records if r["resumed_from"] > 1]
+    assert restarted, "no round ran in a restarted worker group"
+    assert 2 <= restarted[0]["resumed_from"] <= killed_after + 1  # resumed from a checkpoint, not round 1
+    assert all(r["resumed_from"] == 1 for r in records[: restarted[0]["resumed_from"] - 1])
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        assert victim["pid"] not in [w["pid"] for w in json.load(f)["workers"]]
+
+    _, plain, plain_dir = train(tmp_path, "plain", "--rounds", "8", "--local-epochs", "2")
+    assert max_abs_diff(final_state(run_dir), final_state(plain_dir)) <= 1e-6
+    assert comparable(records)[-1]["natural_acc"] == comparable(plain)[-1]["natural_acc"]
+
+
+def test_resume_extends_a_run_like_an_uninterrupted_one(tmp_path, ray_session):
+    from ray_fedat.config import parse_config
+    from ray_fedat.train import run
+
+    train(tmp_path, "short", "--rounds", "2")
+    run(parse_config(["--resume", str(tmp_path / "short"), "--rounds", "4"]))
+    _, full, full_dir = train(tmp_path, "full", "--rounds", "4")
+    resumed = read_records(str(tmp_path / "short"))
+    assert [r["round"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["resumed_from"] for r in resumed] == [1, 1, 3, 3]
+    drop = {"resumed_from"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in comparable(resumed)] == \
+           [{k: v for k, v in r.items() if k not in drop} for r in comparable(full)]
+    assert max_abs_diff(final_state(str(tmp_path / "short")), final_state(full_dir)) <= 1e-6
+
+
+def test_retention_and_best_robust_model(tmp_path, ray_session):
+    summary, records, run_dir = train(tmp_path, "keep", "--rounds", "5", "--keep-checkpoints", "2")
+    checkpoints = [d for d in os.listdir(run_dir) if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, d))]
+    assert 1 <= len(checkpoints) <= 2
+    best = max(records, key=lambda r: (r["robust_acc"], -r["round"]))
+    saved = torch.load(os.path.join(run_dir, "best_robust.pt"), weights_only=True)
+    assert saved["round"] == best["round"] == summary["best"]["robust"]["round"]
+    assert saved["metrics"]["robust_acc"] == best["robust_acc"]
+    best_nat = torch.load(os.path.join(run_dir, "best_natural.pt"), weights_only=True)
+    assert best_nat["metrics"]["natural_acc"] == max(r["natural_acc"] for r in records)
+
+
+@pytest.mark.parametrize("make_bad", [
+    lambda p, good: p.write_bytes(good.read_bytes()[:200]),            # truncated
+    lambda p, good: p.write_bytes(b"\x00" * 64),                        # random bytes
+    lambda p, good: torch.save([1, 2, 3], p),                           # foreign object
+])
+def test_corrupt_checkpoints_give_a_one_line_error_naming_the_file(tmp_path, make_bad):
+    from ray_fedat.models import build_model
+
+    good = tmp_path / "good.pt"
+    torch.save({"state_dict": build_model("mlp", (1, 8, 8), 10).state_dict(), "model": "mlp", "round": 1}, good)
+    bad = tmp_path / "bad.pt"
+    make_bad(bad, good)
+    proc = subprocess.run([sys.executable, "-m", "ray_fedat.evaluate", "--checkpoint", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert str(bad) in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_nan_stops_the_run_with_a_clear_error_and_keeps_what_was_written(tmp_path, ray_session):
+    with pytest.raises(SystemExit) as e:
+        train(tmp_path, "nan", "--model", "mlp", "--lr", "1e12", "--rounds", "3")
+    assert e.value.code == 1
+    with open(tmp_path / "nan" / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["status"] == "failed"
+    assert "nan" in summary["error"].lower() or "inf" in summary["error"].lower()
