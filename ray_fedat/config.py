@@ -99,6 +99,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0
     resume: Optional[str] = None
+    dashboard: bool = False
     dry_run: bool = False
     verbose: bool = False
 
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a finished or interrupted run from its latest checkpoint, with its own settings; "
                    f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change")
+    g.add_argument("--dashboard", action="store_true",
+                   help="also start the Ray dashboard with the local Ray (a cluster's head runs its own)")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and partition table, then exit")
     g.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console")
     return p
@@ -273,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What a resumed run may change: how long and where it runs, not what it learns.
 RESUMABLE = ("rounds", "workers", "cpus_per_worker", "device", "address", "max_failures", "eval_every",
-             "checkpoint_every", "keep_checkpoints", "verbose")
+             "checkpoint_every", "keep_checkpoints", "dashboard", "verbose")
 
 
 def explicit_flags(argv: Optional[Sequence[str]]) -> dict:

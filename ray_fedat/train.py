@@ -58,14 +58,19 @@ def connect_ray(cfg: RunConfig) -> tuple:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
-            ray.init(address=address, **quiet)
+            info = ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:
             fail(f"cannot reach a Ray cluster at {address} ({str(e).splitlines()[0]}); start one with "
                  f"`ray start --head` on the head node, or omit --address/RAY_ADDRESS to run on a local Ray")
-        return f"cluster at {address}", True
+        return f"cluster at {address}{dashboard_note(info)}", True
     num_cpus = max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False if not cfg.verbose else None, **quiet)
-    return f"local Ray ({num_cpus} CPUs)", True
+    info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.dashboard, **quiet)
+    return f"local Ray ({num_cpus} CPUs{dashboard_note(info)})", True
+
+
+def dashboard_note(info) -> str:
+    url = getattr(info, "dashboard_url", None)
+    return f", dashboard http://{url}" if url else ""
 
 
 def plan_placement(cfg: RunConfig):

@@ -101,3 +101,18 @@ def test_attacking_methods_attack_in_eval_mode(digits):
     model.train()
     METHOD_LOSSES["pgd"](model, to_float(digits.x_train[:8]), digits.y_train[:8], ctx)
     assert modes == [False, False, False, True]
+
+
+def test_pgd_training_is_more_robust_than_natural_training_at_the_same_budget(digits):
+    shard = ClientShard(0, digits.x_train, digits.y_train, torch.bincount(digits.y_train, minlength=10).float())
+    robust = {}
+    for method in ("natural", "pgd"):
+        torch.manual_seed(0)
+        model = build_model("lenet", digits.shape, 10)
+        cfg = LocalTrainingConfig(method, 4, 32, 0.05, 0.9, 0.0, EPS, STEP, 5, 6.0, 0.1, False)
+        train_client(model, shard, cfg, generator_for(0, 1, 0), torch.device("cpu"))
+        n, natural, rob = count_correct(model, digits.x_test, digits.y_test, epsilon=EPS, step_size=STEP, steps=10,
+                                        batch_size=256, seed=0, round_=1).tolist()
+        assert natural / n > 0.8, method
+        robust[method] = rob / n
+    assert robust["pgd"] > robust["natural"] + 0.15, robust

@@ -166,3 +166,25 @@ def test_no_ddp_wrapper_is_created_during_federated_training(tmp_path, ray_sessi
     monkeypatch.setattr(ray_fedat.worker, "train_loop_per_worker", no_ddp_loop)
     summary, records, _ = train(tmp_path, "noddp", "--rounds", "1")
     assert summary["status"] == "finished" and records[-1]["round"] == 1
+
+
+def test_dry_run_prints_the_partition_table_and_starts_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--clients", "5",
+                           "--partition", "shards", "--shards-per-client", "2", "--dry-run",
+                           "--storage-path", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = [ln for ln in proc.stdout.splitlines() if ln.strip() and ln.split()[0].isdigit() and "|" in ln]
+    assert len(rows) == 5
+    for row in rows:  # at most 2 labels per client with 2 shards each
+        assert sum(int(v) > 0 for v in row.split("|")[1].split()) <= 2
+    assert not any(tmp_path.iterdir())  # nothing written, no run started
+
+
+def test_npz_on_nodes_real_mnist_two_workers(tmp_path, ray_session, mnist_npz):
+    summary, records, run_dir = train(tmp_path, "npz", "--dataset", "npz", "--data-file", mnist_npz,
+                                      "--data-on", "nodes", "--model", "mlp", "--method", "pgd", "--rounds", "1",
+                                      "--eval-samples", "400", "--attack-steps", "3", "--eval-steps", "5",
+                                      "--epsilon", "0.1", "--step-size", "0.03", "--lr", "0.05")
+    assert summary["config"]["dataset"] == "npz" and sum(c["size"] for c in summary["clients"]) == 8000
+    assert records[-1]["eval_images"] == 400
+    assert 0.4 < records[-1]["natural_acc"] and records[-1]["robust_acc"] <= records[-1]["natural_acc"]
