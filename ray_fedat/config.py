@@ -99,6 +99,8 @@ class RunConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0
     resume: Optional[str] = None
+    config: Optional[str] = None
+    print_config: bool = False
     dashboard: bool = False
     dry_run: bool = False
     verbose: bool = False
@@ -267,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a finished or interrupted run from its latest checkpoint, with its own settings; "
                    f"only {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML or TOML file of flags (keys as flag names); flags on the command line win")
+    g.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--dashboard", action="store_true",
                    help="also start the Ray dashboard with the local Ray (a cluster's head runs its own)")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and partition table, then exit")
@@ -276,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What a resumed run may change: how long and where it runs, not what it learns.
 RESUMABLE = ("rounds", "workers", "cpus_per_worker", "device", "address", "max_failures", "eval_every",
-             "checkpoint_every", "keep_checkpoints", "dashboard", "verbose")
+             "checkpoint_every", "keep_checkpoints", "dashboard", "verbose", "print_config")
 
 
 def explicit_flags(argv: Optional[Sequence[str]]) -> dict:
@@ -308,9 +313,52 @@ def resume_config(run_dir: str, given: dict) -> RunConfig:
     return cfg
 
 
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Flag values from a YAML or TOML file, checked and typed like the command line."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        else:
+            import yaml
+
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
+        raise ConfigError(f"--config {path}: cannot parse it ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values = {}
+    for key, value in raw.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in actions:
+            raise ConfigError(f"--config {path}: unknown key {key!r} (keys are the train flags, e.g. dataset, rounds, lr)")
+        action = actions[dest]
+        if value is not None and action.type is not None and not isinstance(value, bool):
+            try:
+                if action.type is int and not isinstance(value, int):
+                    raise ValueError
+                value = action.type(value) if isinstance(value, (str, int, float)) else value
+            except (ValueError, TypeError, argparse.ArgumentTypeError):
+                raise ConfigError(f"--config {path}: {key} = {value!r} is not a valid value") from None
+        values[dest] = value
+    return values
+
+
 def parse_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
-    """argv -> validated, fully resolved RunConfig (raises ConfigError on bad values)."""
-    ns = build_parser().parse_args(argv)
+    """argv -> validated, fully resolved RunConfig (raises ConfigError on bad values).
+
+    Precedence: command-line flags, then the --config file, then the defaults."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
     if ns.resume:
         return resume_config(ns.resume, explicit_flags(argv)).resolved().validate()
+    if ns.config:
+        merged = {**vars(ns), **load_config_file(ns.config, parser), **explicit_flags(argv)}
+        return RunConfig(**merged).resolved().validate()
     return RunConfig(**vars(ns)).resolved().validate()

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Any, Dict, List, Optional
 
 from ray.train.v2.api.callback import UserCallback
 
 METRICS_FILE = "metrics.jsonl"
 WORKERS_FILE = "workers.json"
+CURVES_FILE = "curves.png"
 BEST_FILES = {"natural": "best_natural.pt", "robust": "best_robust.pt"}
 
 
@@ -34,9 +36,21 @@ def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
 
 
 class RunRecorder(UserCallback):
-    def __init__(self, run_dir: str):
+    """metrics.jsonl, workers.json, best models, curves.png, TensorBoard events and Ray
+    dashboard gauges, updated after every report."""
+
+    # Drawing curves.png takes a fraction of a second inside Ray's report path: redraw at
+    # most this often (and always at the last round), so short rounds do not pay for it.
+    CURVES_EVERY_S = 10.0
+
+    def __init__(self, run_dir: str, total_rounds: int, title: str = ""):
         self.run_dir = run_dir
+        self.total_rounds = total_rounds
+        self.title = title
+        self._last_drawn = 0.0
         self.records = {r["round"]: r for r in read_metrics(run_dir)}
+        self._tensorboard = None
+        self._gauges = None
 
     def after_report(self, run_context, metrics: List[Dict[str, Any]], checkpoint) -> None:
         record = {k: v for k, v in metrics[0].items() if k != "worker"}
@@ -51,6 +65,37 @@ class RunRecorder(UserCallback):
                           json.dumps([m["worker"] for m in metrics], indent=1))
         if checkpoint is not None and (record.get("best_natural") or record.get("best_robust")):
             self._copy_best_models(checkpoint, record)
+        self._publish(record)
+
+    def _publish(self, record: Dict[str, Any]) -> None:
+        """Curves, TensorBoard and dashboard metrics: helpful views, never worth a failed run."""
+        from .plots import plot_curves
+
+        if record["round"] >= self.total_rounds or time.monotonic() - self._last_drawn >= self.CURVES_EVERY_S:
+            try:
+                plot_curves([self.records[r] for r in sorted(self.records)],
+                            os.path.join(self.run_dir, CURVES_FILE), self.title)
+            except Exception as e:  # noqa: BLE001 - a plotting problem must not stop training
+                print(f"ray_fedat: could not draw {CURVES_FILE}: {e}")
+            self._last_drawn = time.monotonic()
+        scalars = {k: record[k] for k in ("natural_acc", "robust_acc", "train_loss", "round_s")
+                   if record.get(k) is not None}
+        if self._tensorboard is None:
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(logdir=self.run_dir, flush_secs=5)
+        for key, value in scalars.items():
+            self._tensorboard.add_scalar(key, value, record["round"])
+        self._tensorboard.flush()
+        if self._gauges is None:
+            from ray.util.metrics import Gauge
+
+            self._gauges = {k: Gauge(f"ray_fedat_{k}", description=f"ray_fedat global model {k}", tag_keys=("run",))
+                            for k in ("natural_acc", "robust_acc", "train_loss", "round")}
+        run = os.path.basename(self.run_dir)
+        for key, value in {**scalars, "round": record["round"]}.items():
+            if key in self._gauges:
+                self._gauges[key].set(float(value), tags={"run": run})
 
     def _copy_best_models(self, checkpoint, record: Dict[str, Any]) -> None:
         from .checkpoints import MODEL_FILE

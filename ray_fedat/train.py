@@ -122,25 +122,44 @@ def format_round(record: dict, total_rounds: int, started: float, rounds_before:
             f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
 
 
-def follow_metrics(run_dir: str, total_rounds: int, stop: threading.Event, started: float,
-                   rounds_before: int) -> None:
-    """Print each new round of metrics.jsonl as it appears (the recorder writes it)."""
+def print_new_rounds(run_dir: str, printed: int, total_rounds: int, started: float, rounds_before: int) -> int:
+    """Print the rounds of metrics.jsonl after `printed`; returns the last round printed."""
     from .recorder import read_metrics
 
-    printed = rounds_before
-    while True:
-        finished = stop.is_set()
+    try:
+        records = read_metrics(run_dir)
+    except (OSError, ValueError):  # caught mid-replace: next poll
+        return printed
+    for record in records:
+        if record["round"] > printed:
+            print(format_round(record, total_rounds, started, rounds_before), flush=True)
+            printed = record["round"]
+    return printed
+
+
+def fit_with_progress(trainer, run_dir: str, total_rounds: int, started: float, rounds_before: int):
+    """Run trainer.fit() in a thread while this (main) thread prints each round and
+    listens for Ctrl-C. Returns (result, error, interrupted)."""
+    outcome = {}
+
+    def fit():
         try:
-            records = read_metrics(run_dir)
-        except (OSError, ValueError):
-            records = []
-        for record in records:
-            if record["round"] > printed:
-                print(format_round(record, total_rounds, started, rounds_before), flush=True)
-                printed = record["round"]
-        if finished:
-            return
-        stop.wait(0.5)
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    printed = rounds_before
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+            printed = print_new_rounds(run_dir, printed, total_rounds, started, rounds_before)
+    except KeyboardInterrupt:
+        print_new_rounds(run_dir, printed, total_rounds, started, rounds_before)
+        return None, None, True
+    print_new_rounds(run_dir, printed, total_rounds, started, rounds_before)
+    return outcome.get("result"), outcome.get("error"), False
 
 
 def save_final_model(run_dir: str, result, records: List[dict]) -> Optional[str]:
@@ -240,28 +259,26 @@ def run(cfg: RunConfig) -> dict:
                 name=name, storage_path=os.path.dirname(run_dir),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                callbacks=[RunRecorder(run_dir)]),
+                callbacks=[RunRecorder(run_dir, cfg.rounds, title=f"{name}: {cfg.method} on {cfg.dataset}, "
+                                                      f"{cfg.clients} clients ({cfg.partition})")]),
         )
         write_summary(run_dir, cfg, counts, placement, status="running")
         started = time.time()
-        stop = threading.Event()
-        rounds_before = len(read_metrics(run_dir))
-        follower = threading.Thread(target=follow_metrics, args=(run_dir, cfg.rounds, stop, started, rounds_before),
-                                    daemon=True)
-        follower.start()
-        result, status, error = None, "finished", None
-        try:
-            result = trainer.fit()
-        except Exception as e:  # Ray wraps worker errors in TrainingFailedError
-            status, error = "failed", root_cause(e)
-        finally:
-            stop.set()
-            follower.join()
+        result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started,
+                                                     len(read_metrics(run_dir)))
+        status, error = "finished", None
+        if interrupted:
+            status, error = "interrupted", "interrupted by the user (Ctrl-C)"
+        elif exc is not None:  # Ray wraps a worker's error in TrainingFailedError
+            status, error = "failed", root_cause(exc)
         final_model = save_final_model(run_dir, result, read_metrics(run_dir))
         summary = write_summary(run_dir, cfg, counts, placement, status, time.time() - started, final_model, error)
     finally:
         if owns_ray:
             ray.shutdown()
+    if status == "interrupted":
+        fail(f"interrupted after round {summary['rounds_completed']}; what was written is kept in {run_dir} "
+             f"(continue with --resume {run_dir})", code=130)
     if error:
         fail(f"training failed: {error} (what was written is in {run_dir})", code=1)
     print_summary(summary, run_dir)
@@ -300,6 +317,11 @@ def print_summary(summary: dict, run_dir: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     try:
         cfg = parse_config(argv)
+        if cfg.print_config:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return
         run(cfg)
     except ConfigError as e:
         fail(str(e))

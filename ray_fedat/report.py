@@ -1,0 +1,68 @@
+"""Compare runs: `python -m ray_fedat.report runs/a runs/b ...` prints one row per run."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from .recorder import best_rounds, read_metrics
+
+
+def summarize(run_dir: str) -> dict:
+    """One run's row, from summary.json (config) and metrics.jsonl (rounds)."""
+    summary_path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(summary_path):
+        raise FileNotFoundError(f"{run_dir}: no summary.json (not a ray_fedat run directory)")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    records = read_metrics(run_dir)
+    evaluated = [r for r in records if r.get("natural_acc") is not None]
+    best = best_rounds(records)
+    cfg = summary["config"]
+    return {
+        "run": os.path.basename(os.path.normpath(run_dir)),
+        "dataset": cfg["dataset"], "method": cfg["method"], "partition": cfg["partition"],
+        "clients": cfg["clients"], "rounds": records[-1]["round"] if records else 0, "status": summary["status"],
+        "final_nat": evaluated[-1]["natural_acc"] if evaluated else None,
+        "final_rob": evaluated[-1]["robust_acc"] if evaluated else None,
+        "best_nat": best["natural"]["natural_acc"] if best["natural"] else None,
+        "best_nat_round": best["natural"]["round"] if best["natural"] else None,
+        "best_rob": best["robust"]["robust_acc"] if best["robust"] else None,
+        "best_rob_round": best["robust"]["round"] if best["robust"] else None,
+        "wall_s": summary.get("wall_s"),
+    }
+
+
+def format_table(rows: List[dict]) -> str:
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    header = ["run", "dataset", "method", "partition", "K", "rounds", "final nat", "final rob",
+              "best nat (round)", "best rob (round)", "wall", "status"]
+    body = [[r["run"], r["dataset"], r["method"], r["partition"], str(r["clients"]), str(r["rounds"]),
+             pct(r["final_nat"]), pct(r["final_rob"]), f"{pct(r['best_nat'])} ({r['best_nat_round']})",
+             f"{pct(r['best_rob'])} ({r['best_rob_round']})",
+             "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}s", r["status"]] for r in rows]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ray_fedat.report", description=__doc__)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(argv)
+    try:
+        rows = [summarize(d) for d in args.run_dirs]
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"ray_fedat.report: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Config files, report, curves, TensorBoard and Ctrl-C."""
+import glob
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ray_fedat.config import ConfigError, parse_config
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def test_command_line_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset: digits\nrounds: 7\nlr: 0.2\nepsilon: 8/255\nlocal-epochs: 2\n")
+    cfg = parse_config(["--config", str(path), "--rounds", "3"])
+    assert (cfg.rounds, cfg.lr, cfg.local_epochs) == (3, 0.2, 2)
+    assert cfg.epsilon == pytest.approx(8 / 255)
+    toml = tmp_path / "run.toml"
+    toml.write_text('dataset = "digits"\nrounds = 9\nmethod = "trades"\n')
+    cfg = parse_config(["--config", str(toml), "--method", "pgd"])
+    assert (cfg.rounds, cfg.method) == (9, "pgd")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("dataset: digits\nlearning_rate: 0.1\n", "unknown key 'learning_rate'"),
+    ("dataset: digits\nrounds: many\n", "rounds = 'many' is not a valid value"),
+    ("dataset: digits\nrounds: 2.5\n", "rounds = 2.5 is not a valid value"),
+    ("- just\n- a list\n", "expected a mapping"),
+    ("dataset: [unclosed\n", "cannot parse it"),
+])
+def test_bad_config_files_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*"))))
+def test_example_configs_parse(path):
+    cfg = parse_config(["--config", path])
+    assert cfg.method in ("calfat", "trades", "pgd", "natural")
+
+
+def test_print_config_shows_the_resolved_configuration_and_exits(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("dataset: mnist\nrounds: 7\n")
+    proc = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--config", str(path), "--lr", "0.5",
+                           "--print-config"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import yaml
+
+    shown = yaml.safe_load(proc.stdout)
+    assert shown["rounds"] == 7 and shown["lr"] == 0.5 and shown["epsilon"] == 0.3 and shown["attack_steps"] == 40
+
+
+def read_tensorboard_scalars(run_dir):
+    """Parse the TFRecord event files with tensorboardX's protobufs: {tag: [(step, value)]}."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+        with open(path, "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12: offset + 12 + length])
+            offset += 12 + length + 4
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return scalars
+
+
+@pytest.mark.ray
+def test_report_curves_and_tensorboard_for_two_runs(tmp_path, ray_session):
+    from test_ray_training import train
+
+    _, records_a, dir_a = train(tmp_path, "a", "--rounds", "3")
+    _, _, dir_b = train(tmp_path, "b", "--rounds", "2", "--method", "pgd")
+    for run_dir in (dir_a, dir_b):
+        with open(os.path.join(run_dir, "curves.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        import matplotlib.image
+
+        assert matplotlib.image.imread(os.path.join(run_dir, "curves.png")).shape[0] > 100
+    scalars = read_tensorboard_scalars(dir_a)
+    assert [step for step, _ in scalars["natural_acc"]] == [1, 2, 3]
+    assert [v for _, v in scalars["robust_acc"]] == pytest.approx([r["robust_acc"] for r in records_a])
+
+    proc = subprocess.run([sys.executable, "-m", "ray_fedat.report", dir_a, dir_b], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["run", "dataset", "method"]
+    row_a = next(ln for ln in lines if ln.startswith("a "))
+    assert "calfat" in row_a and f"{100 * records_a[-1]['robust_acc']:.1f}%" in row_a
+    assert any(ln.startswith("b ") and "pgd" in ln for ln in lines)
+    bad = subprocess.run([sys.executable, "-m", "ray_fedat.report", str(tmp_path / "nope")], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "no summary.json" in bad.stderr
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path):
+    run_dir = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--rounds", "200",
+                             "--storage-path", str(tmp_path), "--name", "stopped"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted after round" in err and "--resume" in err and "Traceback" not in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["rounds_completed"] >= 2
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == summary["rounds_completed"]
