@@ -15,6 +15,7 @@ import torch.distributed as dist
 from .attacks import pgd_ce
 from .data import to_float
 from .federation import generator_for
+from .losses import attacking
 
 
 def count_correct(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *, epsilon: float,
@@ -33,7 +34,8 @@ def count_correct(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor
         with torch.no_grad():
             natural = (model(x).argmax(1) == t).sum().item()
         if steps > 0 and epsilon > 0:
-            x_adv = pgd_ce(model, x, t, epsilon, step_size, steps, generator_for(seed, round_, b, 0xE7A1))
+            with attacking(model):
+                x_adv = pgd_ce(model, x, t, epsilon, step_size, steps, generator_for(seed, round_, b, 0xE7A1))
             with torch.no_grad():
                 robust = (model(x_adv).argmax(1) == t).sum().item()
         else:

@@ -6,6 +6,7 @@ statistics are not polluted by adversarial batches) and back to train mode for t
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
@@ -33,23 +34,39 @@ def calibrate(logits: torch.Tensor, class_counts: torch.Tensor, tau: float = 0.1
     return logits + tau * prior
 
 
+@contextmanager
+def attacking(model: torch.nn.Module):
+    """Eval mode and frozen parameters while the attack runs: the attack needs gradients
+    with respect to the input only, and frozen weights spare the weight-gradient kernels
+    in every backward pass. Train mode and trainable weights come back for the update."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
 def natural_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
     return F.cross_entropy(model(x), y)
 
 
 def pgd_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
-    model.eval()
-    x_adv = pgd_ce(model, x, y, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator)
-    model.train()
+    with attacking(model):
+        x_adv = pgd_ce(model, x, y, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator)
     return F.cross_entropy(model(x_adv), y)
 
 
 def trades_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():  # the attack's target needs no graph
-        natural_probs = F.softmax(model(x), dim=1)
-    x_adv = kl_attack(model, x, natural_probs, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator)
-    model.train()
+    with attacking(model):
+        with torch.no_grad():  # the attack's target needs no graph
+            natural_probs = F.softmax(model(x), dim=1)
+        x_adv = kl_attack(model, x, natural_probs, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator)
     logits_nat, logits_adv = model(x), model(x_adv)
     robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
     return F.cross_entropy(logits_nat, y) + ctx.trades_beta * robust
@@ -59,11 +76,10 @@ def calfat_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
     def calibrated(inputs):
         return calibrate(model(inputs), ctx.class_counts, ctx.calfat_tau)
 
-    model.eval()
-    with torch.no_grad():  # natural logits: once per batch, no graph
-        natural_probs = F.softmax(calibrated(x), dim=1)
-    x_adv = kl_attack(calibrated, x, natural_probs, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator)
-    model.train()
+    with attacking(model):
+        with torch.no_grad():  # natural logits: once per batch, no graph
+            natural_probs = F.softmax(calibrated(x), dim=1)
+        x_adv = kl_attack(calibrated, x, natural_probs, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator)
     return F.cross_entropy(calibrated(x_adv), y)
 
 

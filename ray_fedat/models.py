@@ -16,15 +16,17 @@ def _flat_features(features: nn.Module, shape: Tuple[int, int, int]) -> int:
 
 
 class SmallCNN(nn.Module):
-    """The TRADES small CNN (4 conv + 3 fc, ReLU), padded so it also fits 8x8 images."""
+    """The TRADES small CNN (4 unpadded 3x3 conv + 3 fc, ReLU); images smaller than 16
+    pixels (digits) get padded convolutions so the feature maps do not vanish."""
 
     def __init__(self, shape, num_classes):
         super().__init__()
-        c = shape[0]
+        c, pad = shape[0], (1 if min(shape[1:]) < 16 else 0)
         self.features = nn.Sequential(
-            nn.Conv2d(c, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(),
+            nn.Conv2d(c, 32, 3, padding=pad), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=pad), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=pad), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=pad), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(),
         )
         self.classifier = nn.Sequential(
             nn.Linear(_flat_features(self.features, shape), 200), nn.ReLU(),

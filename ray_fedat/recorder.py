@@ -71,7 +71,8 @@ class RunRecorder(UserCallback):
         """Curves, TensorBoard and dashboard metrics: helpful views, never worth a failed run."""
         from .plots import plot_curves
 
-        if record["round"] >= self.total_rounds or time.monotonic() - self._last_drawn >= self.CURVES_EVERY_S:
+        last_round = record["round"] >= (record.get("planned_rounds") or self.total_rounds)
+        if last_round or time.monotonic() - self._last_drawn >= self.CURVES_EVERY_S:
             try:
                 plot_curves([self.records[r] for r in sorted(self.records)],
                             os.path.join(self.run_dir, CURVES_FILE), self.title)

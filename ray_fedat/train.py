@@ -111,15 +111,17 @@ def build_payload(cfg: RunConfig, data, parts, counts, use_gpu: bool) -> dict:
     return payload
 
 
-def format_round(record: dict, total_rounds: int, started: float, rounds_before: int = 0) -> str:
+def format_round(record: dict, total_rounds: Optional[int], started: float, rounds_before: int = 0) -> str:
+    """`round 3/10  nat 97.1%  rob 81.4%  loss 0.42   12.3 s  ETA 4m10s` (total None: not planned yet)."""
     def pct(v):
         return "   -  " if v is None else f"{100 * v:5.1f}%"
 
-    elapsed = time.time() - started
-    eta = elapsed / max(record["round"] - rounds_before, 1) * (total_rounds - record["round"])
-    return (f"round {record['round']:>3}/{total_rounds}  nat {pct(record['natural_acc'])}  "
-            f"rob {pct(record['robust_acc'])}  loss {record['train_loss']:.3f}  {record['round_s']:5.1f} s  "
-            f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
+    eta = "?"
+    if total_rounds is not None:
+        seconds = (time.time() - started) / max(record["round"] - rounds_before, 1) * (total_rounds - record["round"])
+        eta = f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return (f"round {record['round']:>3}/{total_rounds or '?'}  nat {pct(record['natural_acc'])}  "
+            f"rob {pct(record['robust_acc'])}  loss {record['train_loss']:.3f}  {record['round_s']:5.1f} s  ETA {eta}")
 
 
 def print_new_rounds(run_dir: str, printed: int, total_rounds: int, started: float, rounds_before: int) -> int:
@@ -132,7 +134,7 @@ def print_new_rounds(run_dir: str, printed: int, total_rounds: int, started: flo
         return printed
     for record in records:
         if record["round"] > printed:
-            print(format_round(record, total_rounds, started, rounds_before), flush=True)
+            print(format_round(record, record.get("planned_rounds", total_rounds), started, rounds_before), flush=True)
             printed = record["round"]
     return printed
 
@@ -179,7 +181,8 @@ def save_final_model(run_dir: str, result, records: List[dict]) -> Optional[str]
 
 
 def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: str, wall_s: float = 0.0,
-                  final_model: Optional[str] = None, error: Optional[str] = None) -> dict:
+                  final_model: Optional[str] = None, error: Optional[str] = None,
+                  launched: Optional[float] = None) -> dict:
     """summary.json: written when the run starts (so an interrupted run can be resumed)
     and again when it ends."""
     from .federation import assign_clients
@@ -206,6 +209,12 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
         "wall_s": wall_s,
         "workers": workers,
     }
+    if cfg.time_budget:
+        summary["time_budget"] = {
+            "budget_s": cfg.time_budget,
+            "planned_rounds": records[-1].get("planned_rounds") if records else None,
+            "elapsed_s": (time.time() - launched) if launched else None,  # from CLI start: data and Ray included
+        }
     atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
@@ -214,6 +223,7 @@ def run(cfg: RunConfig) -> dict:
     """Run one federated adversarial training job; returns the summary dict."""
     from .partition import format_partition_table, label_skew
 
+    launched = time.time()  # a --time-budget counts from here: loading data and starting Ray included
     data, parts, counts = prepare_data(cfg)
     print(f"ray_fedat: {cfg.dataset} ({len(data.y_train)} train / {len(data.y_test)} test, "
           f"images {'x'.join(map(str, data.shape))}), {cfg.clients} clients, {cfg.partition} partition "
@@ -248,9 +258,12 @@ def run(cfg: RunConfig) -> dict:
               f"eval=PGD-{cfg.eval_steps}, model {cfg.model}, {cfg.rounds} rounds; {where}, {placement}, "
               f"{'GPU/nccl' if use_gpu else 'CPU/gloo'}")
         print(f"ray_fedat: results in {run_dir}")
+        payload = build_payload(cfg, data, parts, counts, use_gpu)
+        if cfg.time_budget:  # the workers plan their rounds to end before this wall-clock time
+            payload["deadline"] = launched + cfg.time_budget
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=build_payload(cfg, data, parts, counts, use_gpu),
+            train_loop_config=payload,
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cfg.cpus_per_worker},
@@ -272,7 +285,8 @@ def run(cfg: RunConfig) -> dict:
         elif exc is not None:  # Ray wraps a worker's error in TrainingFailedError
             status, error = "failed", root_cause(exc)
         final_model = save_final_model(run_dir, result, read_metrics(run_dir))
-        summary = write_summary(run_dir, cfg, counts, placement, status, time.time() - started, final_model, error)
+        summary = write_summary(run_dir, cfg, counts, placement, status, time.time() - started, final_model, error,
+                                launched=launched)
     finally:
         if owns_ray:
             ray.shutdown()

@@ -11,6 +11,7 @@ The model is never wrapped in DistributedDataParallel: clients only meet at aggr
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -29,6 +30,7 @@ from .config import RunConfig
 from .evaluation import evaluate_distributed
 from .federation import assign_clients, gather_client_vectors, generator_for, sample_clients
 from .models import build_model
+from .schedule import epsilon_at, lr_at, plan_rounds
 
 def label_digest(labels) -> str:
     """A short fingerprint of a label array, to check every node holds the same data."""
@@ -114,15 +116,21 @@ def train_loop_per_worker(payload: dict) -> None:
                                     cfg.weight_decay, cfg.epsilon, cfg.step_size, cfg.attack_steps,
                                     cfg.trades_beta, cfg.calfat_tau, payload["augment"])
     identity = worker_identity(device)
+    planner = RoundPlanner(cfg, payload.get("deadline"), device)
 
-    for round_ in range(first_round, cfg.rounds + 1):
+    round_ = first_round
+    while round_ <= planner.total_rounds:
         t0 = time.perf_counter()
+        total_rounds = planner.total_rounds
+        epsilon = epsilon_at(round_, cfg.epsilon, cfg.eps_warmup_rounds)
+        round_cfg = dataclasses.replace(local_cfg, lr=lr_at(round_, total_rounds, cfg.lr, cfg.lr_schedule),
+                                        epsilon=epsilon, step_size=cfg.step_size * epsilon / max(cfg.epsilon, 1e-12))
         participants = sample_clients(cfg.clients, cfg.client_fraction, cfg.seed, round_)
         mine = [c for c in my_clients if c in set(participants)]
         vectors, weights, losses = [], [], []
         for cid in mine:
             model.load_state_dict(unflatten_state(global_vec, spec))
-            loss = train_client(model, shards[cid], local_cfg, generator_for(cfg.seed, round_, cid), device)
+            loss = train_client(model, shards[cid], round_cfg, generator_for(cfg.seed, round_, cid), device)
             vectors.append(flatten_state(model.state_dict())[0])
             weights.append(len(shards[cid]))
             losses.append(loss)
@@ -139,7 +147,7 @@ def train_loop_per_worker(payload: dict) -> None:
         model.load_state_dict(unflatten_state(global_vec, spec))
         t_agg = time.perf_counter()
 
-        evaluated = round_ % cfg.eval_every == 0 or round_ == cfg.rounds
+        evaluated = round_ % cfg.eval_every == 0 or round_ == total_rounds or round_ == first_round
         scores = {"natural_acc": None, "robust_acc": None, "eval_images": 0}
         if evaluated:
             scores = evaluate_distributed(model, x_test, y_test, epsilon=cfg.epsilon, step_size=cfg.step_size,
@@ -152,6 +160,9 @@ def train_loop_per_worker(payload: dict) -> None:
             **scores,
             "train_loss": float((client_losses * w).sum() / w.sum()),
             "participants": ids.tolist(),
+            "planned_rounds": planner.known,
+            "lr": round_cfg.lr,
+            "epsilon": epsilon,
             "resumed_from": first_round,  # 1, or the round this worker group restarted at
             "round_s": t_eval - t0,
             "train_s": t_train - t0,
@@ -165,7 +176,7 @@ def train_loop_per_worker(payload: dict) -> None:
                 best[kind] = {"value": record[key], "round": round_}
         record["best_natural"], record["best_robust"] = new_best["natural"], new_best["robust"]
 
-        wants_checkpoint = (round_ % cfg.checkpoint_every == 0 or round_ == cfg.rounds
+        wants_checkpoint = (round_ % cfg.checkpoint_every == 0 or round_ == total_rounds
                             or new_best["natural"] or new_best["robust"])
         metrics = {**record, "worker": identity}
         if rank == 0 and wants_checkpoint:
@@ -174,3 +185,36 @@ def train_loop_per_worker(payload: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+        planner.round_finished(round_, time.perf_counter() - t0)
+        round_ += 1
+
+
+class RoundPlanner:
+    """The number of rounds: --rounds, or with --time-budget what fits before the deadline.
+
+    After every round the plan is redone from the pace of that round (the slowest rank's
+    time, reporting included) and the time left, so a slow first round (warm-up, caches)
+    does not shrink the run for good. The lr and eps schedules follow the current plan."""
+
+    MAX_ROUNDS = 100_000
+
+    def __init__(self, cfg: RunConfig, deadline: Optional[float], device: torch.device):
+        self.deadline = deadline if cfg.time_budget else None
+        self.total_rounds = cfg.rounds if self.deadline is None else self.MAX_ROUNDS
+        # Kept free at the end for the final summary, the model copy and Ray's shutdown.
+        self.reserve_s = min(10.0, 2.0 + 0.05 * cfg.time_budget) if cfg.time_budget else 0.0
+        self.device = device
+
+    @property
+    def known(self) -> Optional[int]:
+        """The planned number of rounds, or None before the first round has been timed."""
+        return None if self.total_rounds >= self.MAX_ROUNDS else self.total_rounds
+
+    def round_finished(self, round_: int, seconds: float) -> None:
+        if self.deadline is None or round_ >= self.total_rounds:
+            return
+        # Every rank must reach the same plan: agree on the slowest pace and the least time left.
+        pace = torch.tensor([seconds, -(self.deadline - time.time())], dtype=torch.float64, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(pace, op=dist.ReduceOp.MAX)
+        self.total_rounds = plan_rounds(round_, -float(pace[1]), float(pace[0]), self.reserve_s, self.MAX_ROUNDS - 1)

@@ -1,0 +1,42 @@
+"""Helpers shared by the benchmark scripts: real MNIST from the project's shared data, and
+running the training CLI as a user would."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST_DIR = os.path.join(REPO, "..", "shared", "data", "mnist-t10k")
+
+
+def mnist_8k_2k_npz(path: str, mnist_dir: str = MNIST_DIR) -> str:
+    """An .npz with an 8k-train / 2k-test split (seed 0) of the real MNIST test set."""
+    from ray_fedat.data import read_idx_gz
+
+    images = read_idx_gz(os.path.join(mnist_dir, "t10k-images-idx3-ubyte.gz"))
+    labels = read_idx_gz(os.path.join(mnist_dir, "t10k-labels-idx1-ubyte.gz")).astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(labels))
+    train, test = order[:8000], order[8000:]
+    np.savez(path, x_train=images[train], y_train=labels[train], x_test=images[test], y_test=labels[test])
+    return path
+
+
+def run_cli(args, storage: str, name: str, log=None) -> dict:
+    """Run `python -m ray_fedat.train ARGS` and return its summary.json (plus `cli_s`)."""
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "ray_fedat.train", *args, "--storage-path", storage,
+                           "--name", name], capture_output=True, text=True)
+    if log:
+        log.write(proc.stdout + proc.stderr)
+        log.flush()
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: the CLI failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    with open(os.path.join(storage, name, "summary.json")) as f:
+        summary = json.load(f)
+    summary["cli_s"] = time.time() - started
+    return summary

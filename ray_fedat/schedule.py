@@ -1,0 +1,34 @@
+"""Per-round schedules: learning rate across rounds, epsilon warm-up, and the round plan
+that fits a time budget. Pure functions of the round number."""
+from __future__ import annotations
+
+import math
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(round_: int, total_rounds: int, base_lr: float, schedule: str) -> float:
+    """Client learning rate in round `round_` (1-based) of `total_rounds`."""
+    if schedule == "constant" or total_rounds <= 1:
+        return base_lr
+    if schedule == "cosine":  # from base_lr in round 1 down towards 0 in the last round
+        return base_lr * 0.5 * (1 + math.cos(math.pi * (round_ - 1) / total_rounds))
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+
+
+def epsilon_at(round_: int, epsilon: float, warmup_rounds: int) -> float:
+    """Linear epsilon warm-up: eps/(W+1), 2eps/(W+1), ... reaching eps after W rounds.
+    Starting large-epsilon adversarial training (MNIST's 0.3) at full strength is a known
+    cause of collapse to chance accuracy."""
+    if warmup_rounds <= 0:
+        return epsilon
+    return epsilon * min(1.0, round_ / (warmup_rounds + 1))
+
+
+def plan_rounds(done_rounds: int, seconds_left: float, seconds_per_round: float, reserve_s: float,
+                max_rounds: int) -> int:
+    """How many rounds in total fit: the rounds done plus as many more as the time left
+    (less a reserve for the final outputs) holds at the measured pace; at least the
+    rounds already done."""
+    more = math.floor((seconds_left - reserve_s) / max(seconds_per_round, 1e-9))
+    return max(done_rounds, min(max_rounds, done_rounds + max(more, 0)))
