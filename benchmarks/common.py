@@ -40,3 +40,33 @@ def run_cli(args, storage: str, name: str, log=None) -> dict:
         summary = json.load(f)
     summary["cli_s"] = time.time() - started
     return summary
+
+
+def mnist_subset_npz(path: str, train: int, test: int) -> str:
+    """A smaller split of real MNIST (first `train` + next `test` of a seeded order), for
+    benchmarks that must finish in minutes; falls back to digits where MNIST is absent."""
+    images_path = os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz")
+    if os.path.exists(images_path):
+        from ray_fedat.data import read_idx_gz
+
+        images = read_idx_gz(images_path)
+        labels = read_idx_gz(os.path.join(MNIST_DIR, "t10k-labels-idx1-ubyte.gz")).astype(np.int64)
+    else:
+        from ray_fedat.data import load_digits
+
+        d = load_digits()
+        images, labels = d.x_train[:, 0].numpy(), d.y_train.numpy()
+    order = np.random.default_rng(0).permutation(len(labels))
+    tr, te = order[:train], order[train:train + test]
+    np.savez(path, x_train=images[tr], y_train=labels[tr], x_test=images[te], y_test=labels[te])
+    return path
+
+
+def read_metrics(run_dir: str) -> list:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def round_cycles(records: list) -> list:
+    """Wall time from the start of each round to the start of the next (the last round has none)."""
+    return [b["started_at"] - a["started_at"] for a, b in zip(records, records[1:])]

@@ -49,8 +49,8 @@ class DatasetDefaults:
 # digits (8x8, 1.4k training images) is the no-download smoke-test set: a light attack and a
 # small, quick-to-start model keep it fast (LeNet reaches ~96% natural in 5 epochs there).
 DATASET_DEFAULTS = {
-    "mnist": DatasetDefaults(0.3, 0.01, 40, 40, "smallcnn", 0.05, 128, "cosine", 2),
-    "fmnist": DatasetDefaults(0.3, 0.01, 10, 20, "smallcnn", 0.05, 128, "cosine", 2),
+    "mnist": DatasetDefaults(0.3, 0.01, 40, 40, "smallcnn", 0.02, 128, "cosine", 2),
+    "fmnist": DatasetDefaults(0.3, 0.01, 10, 20, "smallcnn", 0.02, 128, "cosine", 2),
     "cifar10": DatasetDefaults(8 / 255, 2 / 255, 10, 20, "resnet18", 0.05, 128, "cosine", 1),
     "digits": DatasetDefaults(0.1, 0.025, 5, 10, "lenet", 0.05, 32),
     "npz": DatasetDefaults(8 / 255, 2 / 255, 10, 20, "smallcnn", 0.01, 64),

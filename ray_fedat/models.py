@@ -33,6 +33,13 @@ class SmallCNN(nn.Module):
             nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, num_classes),
         )
 
+        # He initialisation for the ReLU stack: with PyTorch's default init this network sits
+        # at chance accuracy for several epochs (measured on MNIST), too long for short runs.
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
     def forward(self, x):
         return self.classifier(self.features(x))
 

@@ -120,6 +120,7 @@ def train_loop_per_worker(payload: dict) -> None:
 
     round_ = first_round
     while round_ <= planner.total_rounds:
+        started_at = time.time()
         t0 = time.perf_counter()
         total_rounds = planner.total_rounds
         epsilon = epsilon_at(round_, cfg.epsilon, cfg.eps_warmup_rounds)
@@ -147,7 +148,9 @@ def train_loop_per_worker(payload: dict) -> None:
         model.load_state_dict(unflatten_state(global_vec, spec))
         t_agg = time.perf_counter()
 
-        evaluated = round_ % cfg.eval_every == 0 or round_ == total_rounds or round_ == first_round
+        # Under a time budget any round may turn out to be the last: evaluate and checkpoint each.
+        closing = round_ == total_rounds or planner.deadline is not None
+        evaluated = round_ % cfg.eval_every == 0 or closing or round_ == first_round
         scores = {"natural_acc": None, "robust_acc": None, "eval_images": 0}
         if evaluated:
             scores = evaluate_distributed(model, x_test, y_test, epsilon=cfg.epsilon, step_size=cfg.step_size,
@@ -165,6 +168,8 @@ def train_loop_per_worker(payload: dict) -> None:
             "epsilon": epsilon,
             "resumed_from": first_round,  # 1, or the round this worker group restarted at
             "round_s": t_eval - t0,
+            "started_at": started_at,  # wall clock: the gaps between rounds are the framework's overhead
+            "ended_at": started_at + (t_eval - t0),
             "train_s": t_train - t0,
             "aggregate_s": t_agg - t_train,
             "eval_s": t_eval - t_agg,
@@ -176,7 +181,7 @@ def train_loop_per_worker(payload: dict) -> None:
                 best[kind] = {"value": record[key], "round": round_}
         record["best_natural"], record["best_robust"] = new_best["natural"], new_best["robust"]
 
-        wants_checkpoint = (round_ % cfg.checkpoint_every == 0 or round_ == total_rounds
+        wants_checkpoint = (round_ % cfg.checkpoint_every == 0 or closing
                             or new_best["natural"] or new_best["robust"])
         metrics = {**record, "worker": identity}
         if rank == 0 and wants_checkpoint:

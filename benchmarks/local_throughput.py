@@ -1,0 +1,128 @@
+"""Local FAT throughput: our client step vs a faithful re-implementation of the article's.
+
+    python benchmarks/local_throughput.py [--images 1024] [--steps 40]
+
+Same model (the article's LeNet), data (real MNIST when ../shared has it, else digits),
+batch size, attack steps, CalFAT loss and thread count (1). The article's recipe: a
+DataLoader over a Dataset of single PIL images turned into tensors one by one, and a KL
+attack that recomputes the natural logits at every step, with trainable weights. Ours:
+uint8 tensors sliced per batch, natural logits once per batch, weights frozen while
+attacking. Prints adversarial examples per second for both, interleaved, and the ratio last.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import to_tensor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client  # noqa: E402
+from ray_fedat.federation import generator_for  # noqa: E402
+from ray_fedat.losses import calibrate  # noqa: E402
+from ray_fedat.models import build_model  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import MNIST_DIR  # noqa: E402
+
+
+class SingleImages(Dataset):
+    """What torchvision's MNIST does per sample: uint8 array -> PIL image -> tensor."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return to_tensor(Image.fromarray(self.images[i], mode="L")), int(self.labels[i])
+
+
+def article_kl_adv(model, x, counts, eps, step, steps):
+    model.eval()
+    x_adv = x.detach() + 0.001 * torch.randn_like(x)
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss_kl = F.kl_div(F.log_softmax(calibrate(model(x_adv), counts), dim=1),
+                               F.softmax(calibrate(model(x), counts), dim=1), reduction="sum")
+        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+        x_adv = x_adv.detach() + step * torch.sign(grad.detach())
+        x_adv = torch.clamp(torch.min(torch.max(x_adv, x - eps), x + eps), 0.0, 1.0)
+    model.train()
+    return x_adv
+
+
+def article_epoch(model, images, labels, counts, args) -> float:
+    loader = DataLoader(SingleImages(images, labels), batch_size=args.batch_size, shuffle=True, num_workers=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=2e-4)
+    model.train()
+    started = time.perf_counter()
+    for x, y in loader:
+        optimizer.zero_grad()
+        x_adv = article_kl_adv(model, x, counts, args.epsilon, args.step_size, args.steps)
+        model.train()
+        loss = F.cross_entropy(calibrate(model(x_adv), counts), y)
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - started
+
+
+def our_epoch(model, images, labels, counts, args) -> float:
+    shard = ClientShard(0, torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), counts)
+    cfg = LocalTrainingConfig("calfat", 1, args.batch_size, 0.01, 0.9, 2e-4, args.epsilon, args.step_size, args.steps,
+                              6.0, 0.1, False)
+    started = time.perf_counter()
+    train_client(model, shard, cfg, generator_for(0, 1, 0), torch.device("cpu"))
+    return time.perf_counter() - started
+
+
+def load_images(n):
+    images_path = os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz")
+    if os.path.exists(images_path):
+        from ray_fedat.data import read_idx_gz
+
+        images = read_idx_gz(images_path)[:n].copy()
+        labels = read_idx_gz(os.path.join(MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))[:n].astype(np.int64)
+        return images, labels, "real MNIST 28x28"
+    from ray_fedat.data import load_digits
+
+    d = load_digits()
+    return d.x_train[:n, 0].numpy(), d.y_train[:n].numpy(), "sklearn digits 8x8 (no MNIST found)"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--epsilon", type=float, default=0.3)
+    parser.add_argument("--step-size", type=float, default=0.01)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    images, labels, source = load_images(args.images)
+    counts = torch.bincount(torch.from_numpy(labels), minlength=10).float()
+    print(f"data: {source}, {len(labels)} images, batch {args.batch_size}, {args.steps} attack steps, "
+          f"eps {args.epsilon}, model lenet, 1 thread")
+    best = {"article": float("inf"), "ours": float("inf")}
+    for rep in range(args.repeats):  # interleaved, so drift on a shared machine hits both
+        for name, epoch in (("article", article_epoch), ("ours", our_epoch)):
+            torch.manual_seed(rep)
+            model = build_model("lenet", (1, *images.shape[1:]), 10)
+            seconds = epoch(model, images, labels, counts, args)
+            best[name] = min(best[name], seconds)
+            print(f"  repeat {rep + 1}: {name:<7} {len(labels) / seconds:7.1f} adversarial examples/s")
+    article, ours = len(labels) / best["article"], len(labels) / best["ours"]
+    print(f"article recipe: {article:.1f} ex/s   ours: {ours:.1f} ex/s   (best of {args.repeats})")
+    print(f"throughput ratio ours / article: {ours / article:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
