@@ -10,6 +10,9 @@ median/trimmed-mean or per-client weights after the fact). Reports time per aggr
 bytes each rank receives, GB/s, and the ratio last.
 """
 import argparse
+import json
+import os
+import tempfile
 import time
 
 import ray
@@ -50,7 +53,9 @@ def measure(config):
         results[label] = {"params": dim, "world": world,
                           "gather_s": sorted(timings["gather"])[len(timings["gather"]) // 2],
                           "allreduce_s": sorted(timings["allreduce"])[len(timings["allreduce"]) // 2]}
-    ray.train.report({"results": results})
+    if rank == 0:  # one host: the driver reads rank 0's file
+        with open(config["out"], "w") as f:
+            json.dump(results, f)
 
 
 def main():
@@ -58,13 +63,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    result = TorchTrainer(measure, train_loop_config={"repeats": args.repeats},
-                          scaling_config=ray.train.ScalingConfig(num_workers=2),
-                          run_config=ray.train.RunConfig(name=f"aggbench-{int(time.time())}",
-                                                         storage_path="/tmp/ray_fedat_bench")).fit()
+    out = os.path.join(tempfile.mkdtemp(prefix="aggbench_"), "results.json")
+    TorchTrainer(measure, train_loop_config={"repeats": args.repeats, "out": out},
+                 scaling_config=ray.train.ScalingConfig(num_workers=2),
+                 run_config=ray.train.RunConfig(name=f"aggbench-{int(time.time())}",
+                                                storage_path=os.path.dirname(out))).fit()
     ray.shutdown()
+    with open(out) as f:
+        results = json.load(f)
     ratios = []
-    for label, r in result.metrics["results"].items():
+    for label, r in results.items():
         world, mbytes = r["world"], r["params"] * 4 / 1e6
         gather_bytes = (world - 1) * r["params"] * 4  # each rank receives the other ranks' vectors
         reduce_bytes = 2 * (world - 1) / world * r["params"] * 4  # ring all_reduce, per rank

@@ -36,7 +36,7 @@ def unflatten_state(flat: torch.Tensor, spec: StateSpec) -> Dict[str, torch.Tens
 def fedavg(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Average of the K rows weighted by `weights` (client sample counts)."""
     w = weights.to(dtype=updates.dtype, device=updates.device)
-    return (w[:, None] * updates).sum(dim=0) / w.sum()
+    return (w @ updates) / w.sum()  # a matrix-vector product: no K x D temporary
 
 
 def coordinate_median(updates: torch.Tensor) -> torch.Tensor:

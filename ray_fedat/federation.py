@@ -51,12 +51,16 @@ def gather_client_vectors(client_ids: Sequence[int], vectors: Sequence[torch.Ten
         meta[i] = torch.tensor([float(cid), float(w), float(loss)], dtype=torch.float64)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world > 1:
-        all_rows = [torch.empty_like(rows) for _ in range(world)]
-        all_meta = [torch.empty_like(meta) for _ in range(world)]
-        dist.all_gather(all_rows, rows)
-        dist.all_gather(all_meta, meta)
-        rows, meta = torch.cat(all_rows), torch.cat(all_meta)
+        # Gather straight into one (world * rows) x D tensor: its chunks are the receive
+        # buffers, so there is no concatenation copy afterwards.
+        all_rows = torch.empty((world * rows.shape[0], dim), dtype=rows.dtype, device=device)
+        all_meta = torch.empty((world * meta.shape[0], 3), dtype=meta.dtype, device=device)
+        dist.all_gather(list(all_rows.chunk(world)), rows)
+        dist.all_gather(list(all_meta.chunk(world)), meta)
+        rows, meta = all_rows, all_meta
     valid = meta[:, 0] >= 0
-    rows, meta = rows[valid], meta[valid]
-    order = torch.argsort(meta[:, 0])
-    return meta[order, 0].long(), rows[order], meta[order, 1], meta[order, 2]
+    order = torch.argsort(torch.where(valid, meta[:, 0], torch.inf))[: int(valid.sum())]
+    if not torch.equal(order, torch.arange(rows.shape[0], device=order.device)):
+        rows = rows[order]  # only copy when padding or out-of-order ranks require it
+    meta = meta[order]
+    return meta[:, 0].long(), rows, meta[:, 1], meta[:, 2]
