@@ -12,7 +12,7 @@ from ray_fedat.train import run
 
 pytestmark = pytest.mark.ray
 
-TIMING_KEYS = {"round_s", "train_s", "aggregate_s", "eval_s"}
+TIMING_KEYS = {"round_s", "train_s", "aggregate_s", "eval_s", "started_at", "ended_at"}
 
 
 def train(tmp_path, name, *argv):
