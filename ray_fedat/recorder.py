@@ -40,12 +40,11 @@ class RunRecorder(UserCallback):
     dashboard gauges, updated after every report."""
 
     # Drawing curves.png takes a fraction of a second inside Ray's report path: redraw at
-    # most this often (and always at the last round), so short rounds do not pay for it.
+    # most this often, so short rounds do not pay for it (the driver draws the final one).
     CURVES_EVERY_S = 10.0
 
-    def __init__(self, run_dir: str, total_rounds: int, title: str = ""):
+    def __init__(self, run_dir: str, title: str = ""):
         self.run_dir = run_dir
-        self.total_rounds = total_rounds
         self.title = title
         self._last_drawn = 0.0
         self.records = {r["round"]: r for r in read_metrics(run_dir)}
@@ -69,15 +68,8 @@ class RunRecorder(UserCallback):
 
     def _publish(self, record: Dict[str, Any]) -> None:
         """Curves, TensorBoard and dashboard metrics: helpful views, never worth a failed run."""
-        from .plots import plot_curves
-
-        last_round = record["round"] >= (record.get("planned_rounds") or self.total_rounds)
-        if last_round or time.monotonic() - self._last_drawn >= self.CURVES_EVERY_S:
-            try:
-                plot_curves([self.records[r] for r in sorted(self.records)],
-                            os.path.join(self.run_dir, CURVES_FILE), self.title)
-            except Exception as e:  # noqa: BLE001 - a plotting problem must not stop training
-                print(f"ray_fedat: could not draw {CURVES_FILE}: {e}")
+        if time.monotonic() - self._last_drawn >= self.CURVES_EVERY_S:
+            draw_curves(self.run_dir, [self.records[r] for r in sorted(self.records)], self.title)
             self._last_drawn = time.monotonic()
         scalars = {k: record[k] for k in ("natural_acc", "robust_acc", "train_loss", "round_s")
                    if record.get(k) is not None}
@@ -107,6 +99,16 @@ class RunRecorder(UserCallback):
                     tmp = os.path.join(self.run_dir, filename + ".tmp")
                     shutil.copyfile(os.path.join(d, MODEL_FILE), tmp)
                     os.replace(tmp, os.path.join(self.run_dir, filename))
+
+
+def draw_curves(run_dir: str, records: List[Dict[str, Any]], title: str) -> None:
+    """curves.png: a helpful view, never worth a failed run."""
+    from .plots import plot_curves
+
+    try:
+        plot_curves(records, os.path.join(run_dir, CURVES_FILE), title)
+    except Exception as e:  # noqa: BLE001 - a plotting problem must not stop training
+        print(f"ray_fedat: could not draw {CURVES_FILE}: {e}")
 
 
 def best_rounds(records: List[Dict[str, Any]]) -> Dict[str, Optional[Dict[str, Any]]]:

@@ -248,16 +248,18 @@ def run(cfg: RunConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .recorder import RunRecorder, read_metrics
+    from .recorder import RunRecorder, draw_curves, read_metrics
     from .worker import train_loop_per_worker
 
     where, owns_ray = connect_ray(cfg)
     try:
         use_gpu, strategy, placement = plan_placement(cfg)
         print(f"ray_fedat: {cfg.method} eps={cfg.epsilon:.4g} step={cfg.step_size:.4g} attack={cfg.attack_steps} "
-              f"eval=PGD-{cfg.eval_steps}, model {cfg.model}, {cfg.rounds} rounds; {where}, {placement}, "
+              f"eval=PGD-{cfg.eval_steps}, model {cfg.model}, "
+              f"{f'time budget {cfg.time_budget:g} s' if cfg.time_budget else f'{cfg.rounds} rounds'}; {where}, {placement}, "
               f"{'GPU/nccl' if use_gpu else 'CPU/gloo'}")
         print(f"ray_fedat: results in {run_dir}")
+        title = f"{name}: {cfg.method} on {cfg.dataset}, {cfg.clients} clients ({cfg.partition})"
         payload = build_payload(cfg, data, parts, counts, use_gpu)
         if cfg.time_budget:  # the workers plan their rounds to end before this wall-clock time
             payload["deadline"] = launched + cfg.time_budget
@@ -272,8 +274,7 @@ def run(cfg: RunConfig) -> dict:
                 name=name, storage_path=os.path.dirname(run_dir),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                callbacks=[RunRecorder(run_dir, cfg.rounds, title=f"{name}: {cfg.method} on {cfg.dataset}, "
-                                                      f"{cfg.clients} clients ({cfg.partition})")]),
+                callbacks=[RunRecorder(run_dir, title)]),
         )
         write_summary(run_dir, cfg, counts, placement, status="running")
         started = time.time()
@@ -284,7 +285,10 @@ def run(cfg: RunConfig) -> dict:
             status, error = "interrupted", "interrupted by the user (Ctrl-C)"
         elif exc is not None:  # Ray wraps a worker's error in TrainingFailedError
             status, error = "failed", root_cause(exc)
-        final_model = save_final_model(run_dir, result, read_metrics(run_dir))
+        records = read_metrics(run_dir)
+        if records:  # the recorder redraws at most every few seconds: the final curves come from here
+            draw_curves(run_dir, records, title)
+        final_model = save_final_model(run_dir, result, records)
         summary = write_summary(run_dir, cfg, counts, placement, status, time.time() - started, final_model, error,
                                 launched=launched)
     finally:

@@ -126,8 +126,8 @@ def train_loop_per_worker(payload: dict) -> None:
         epsilon = epsilon_at(round_, cfg.epsilon, cfg.eps_warmup_rounds)
         round_cfg = dataclasses.replace(local_cfg, lr=lr_at(round_, total_rounds, cfg.lr, cfg.lr_schedule),
                                         epsilon=epsilon, step_size=cfg.step_size * epsilon / max(cfg.epsilon, 1e-12))
-        participants = sample_clients(cfg.clients, cfg.client_fraction, cfg.seed, round_)
-        mine = [c for c in my_clients if c in set(participants)]
+        participants = set(sample_clients(cfg.clients, cfg.client_fraction, cfg.seed, round_))
+        mine = [c for c in my_clients if c in participants]
         vectors, weights, losses = [], [], []
         for cid in mine:
             model.load_state_dict(unflatten_state(global_vec, spec))
@@ -137,7 +137,7 @@ def train_loop_per_worker(payload: dict) -> None:
             losses.append(loss)
         t_train = time.perf_counter()
 
-        most_per_worker = max(sum(c in set(participants) for c in block) for block in clients_by_rank)
+        most_per_worker = max(sum(c in participants for c in block) for block in clients_by_rank)
         ids, stacked, w, client_losses = gather_client_vectors(mine, vectors, weights, losses, most_per_worker,
                                                                global_vec.numel(), device)
         aggregated = aggregate(cfg.aggregator, stacked, w, cfg.trim_ratio)
