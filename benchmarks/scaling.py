@@ -24,7 +24,9 @@ def main():
     out = tempfile.mkdtemp(prefix="scaling_")
     data = mnist_subset_npz(os.path.join(out, "data.npz"), args.train_images, 400)
     job = ["--dataset", "npz", "--data-file", data, "--preset", "mnist", "--clients", "2", "--cpus-per-worker", "1",
-           "--rounds", str(args.rounds), "--attack-steps", "10", "--eval-steps", "10", "--eps-warmup-rounds", "0"]
+           "--rounds", str(args.rounds), "--attack-steps", "10", "--eval-steps", "10", "--eps-warmup-rounds", "0",
+           # pinned to the settings behind the numbers in benchmarks/README.md
+           "--step-size", "0.01", "--batch-size", "128", "--attack-start", "gaussian"]
     cycle = {}
     for workers in (1, 2):
         name = f"w{workers}"

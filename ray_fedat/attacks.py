@@ -43,13 +43,21 @@ def pgd_ce(model: Logits, x: torch.Tensor, y: torch.Tensor, eps: float, step_siz
 
 
 def kl_attack(logits_fn: Logits, x: torch.Tensor, natural_probs: torch.Tensor, eps: float, step_size: float,
-              steps: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """TRADES/CalFAT attack: maximise KL(natural_probs || p(x_adv)) by sign-gradient steps
-    from x + 0.001 * N(0, 1). `natural_probs` is computed once per batch by the caller
-    (the article recomputes it at every step)."""
+              steps: int, generator: Optional[torch.Generator] = None, start: str = "gaussian") -> torch.Tensor:
+    """TRADES/CalFAT attack: maximise KL(natural_probs || p(x_adv)) by sign-gradient steps.
+
+    start="gaussian" begins at x + 0.001 * N(0, 1) as TRADES and the article do; "uniform"
+    begins at a uniform random point of the eps-ball, as Madry's PGD does. With few steps
+    the uniform start trains far more robust models on MNIST (measured: 90.1% vs 80.8%
+    PGD-20, see config.py), since the near-x start only explores close to the image.
+    `natural_probs` is computed once per batch by the caller (the article recomputes it at
+    every step)."""
     x = x.detach()
     natural_probs = natural_probs.detach()
-    x_adv = project(x + 0.001 * _noise_like(x, generator), x, eps)
+    if start == "uniform":
+        x_adv = project(x + _noise_like(x, generator, uniform_eps=eps), x, eps)
+    else:
+        x_adv = project(x + 0.001 * _noise_like(x, generator), x, eps)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         loss = F.kl_div(F.log_softmax(logits_fn(x_adv), dim=1), natural_probs, reduction="sum")

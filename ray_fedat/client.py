@@ -36,6 +36,7 @@ class LocalTrainingConfig:
     trades_beta: float
     calfat_tau: float
     augment: bool
+    attack_start: str = "gaussian"
 
 
 def batches(order: torch.Tensor, batch_size: int):
@@ -55,7 +56,7 @@ def train_client(model: torch.nn.Module, shard: ClientShard, cfg: LocalTrainingC
     """Train `model` in place on the shard; returns the mean training loss."""
     loss_fn = METHOD_LOSSES[cfg.method]
     ctx = LocalContext(cfg.epsilon, cfg.step_size, cfg.attack_steps, shard.class_counts.to(device),
-                       generator, cfg.trades_beta, cfg.calfat_tau)
+                       generator, cfg.trades_beta, cfg.calfat_tau, cfg.attack_start)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     model.train()

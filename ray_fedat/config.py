@@ -22,6 +22,7 @@ METHODS = ("calfat", "trades", "pgd", "natural")
 AGGREGATORS = ("fedavg", "median", "trimmed-mean")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_ON = ("driver", "nodes")
+ATTACK_STARTS = ("gaussian", "uniform")  # see attacks.kl_attack
 
 
 class ConfigError(ValueError):
@@ -39,18 +40,33 @@ class DatasetDefaults:
     batch_size: int
     lr_schedule: str = "constant"
     eps_warmup_rounds: int = 0
+    eval_step_size: Optional[float] = None  # None: the training step size
+    attack_start: str = "gaussian"  # the article's KL attack start
 
 
 # The reference article's settings: MNIST/FMNIST eps=0.3 step 0.01 (40 attack steps on
 # MNIST, 10 otherwise; PGD-40 eval on MNIST, PGD-20 otherwise); CIFAR-10 eps=8/255 step 2/255.
-# Beyond the article (see the README's recipe section): the TRADES small CNN rather than
-# LeNet, a cosine learning-rate decay over the rounds, and an epsilon warm-up over the first
-# rounds (the article's fixed eps=0.3 from round 1 can collapse MNIST to chance accuracy).
-# digits (8x8, 1.4k training images) is the no-download smoke-test set: a light attack and a
-# small, quick-to-start model keep it fast (LeNet reaches ~96% natural in 5 epochs there).
+# The evaluation attack stays the article's everywhere: it is the yardstick.
+# Beyond the article, on MNIST/FMNIST (measured with benchmarks/recipe_ablation.py: real
+# MNIST, 8k images, 2 IID clients averaged every epoch, one core, PGD-20 on 1k test images):
+# - the KL attack starts at a uniform random point of the eps-ball, not at x + 0.001 N(0,1):
+#   CalFAT after 9 epochs 90.1% vs 80.8% robust (3 steps of 0.1);
+# - 3 attack steps of 0.1 instead of 40 of 0.01 (3 x 0.1 still crosses the ball): an epoch
+#   costs a fifth, and robust accuracy per second is higher (PGD-AT 89.8% after 177 s with
+#   3 steps, 88.4% after 201 s with 5 steps of 0.075, 81.6% after 221 s with 10 of 0.04);
+# - batch 64: a FedAvg round of two clients makes half the SGD steps of one pass of central
+#   training; smaller batches give them back (75.7% vs 64.3% after 3 epochs, 10 steps);
+# - the TRADES small CNN rather than LeNet, a cosine learning-rate decay over the rounds,
+#   and an epsilon warm-up over the first rounds (the article's fixed eps=0.3 from round 1
+#   can collapse MNIST to chance accuracy).
+# FMNIST takes MNIST's changes without having been measured (no copy of it here); CIFAR-10
+# keeps the article's attack. digits (8x8, 1.4k training images) is the no-download
+# smoke-test set: a light attack and a small, quick-to-start model keep it fast.
 DATASET_DEFAULTS = {
-    "mnist": DatasetDefaults(0.3, 0.01, 40, 40, "smallcnn", 0.02, 128, "cosine", 2),
-    "fmnist": DatasetDefaults(0.3, 0.01, 10, 20, "smallcnn", 0.02, 128, "cosine", 2),
+    "mnist": DatasetDefaults(0.3, 0.1, 3, 40, "smallcnn", 0.02, 64, "cosine", 2, eval_step_size=0.01,
+                             attack_start="uniform"),
+    "fmnist": DatasetDefaults(0.3, 0.1, 3, 20, "smallcnn", 0.02, 64, "cosine", 2, eval_step_size=0.01,
+                              attack_start="uniform"),
     "cifar10": DatasetDefaults(8 / 255, 2 / 255, 10, 20, "resnet18", 0.05, 128, "cosine", 1),
     "digits": DatasetDefaults(0.1, 0.025, 5, 10, "lenet", 0.05, 32),
     "npz": DatasetDefaults(8 / 255, 2 / 255, 10, 20, "smallcnn", 0.01, 64),
@@ -90,10 +106,12 @@ class RunConfig:
     step_size: Optional[float] = None
     attack_steps: Optional[int] = None
     eval_steps: Optional[int] = None
+    eval_step_size: Optional[float] = None
+    attack_start: Optional[str] = None
     eps_warmup_rounds: Optional[int] = None
     trades_beta: float = 6.0
     calfat_tau: float = 0.1
-    eval_every: int = 1
+    eval_every: Optional[int] = None  # None: every round, or chosen by the planner under --time-budget
     eval_samples: Optional[int] = None
     eval_batch_size: int = 256
     # model
@@ -130,6 +148,8 @@ class RunConfig:
             step_size=self.step_size if self.step_size is not None else d.step_size,
             attack_steps=self.attack_steps if self.attack_steps is not None else d.attack_steps,
             eval_steps=self.eval_steps if self.eval_steps is not None else d.eval_steps,
+            attack_start=self.attack_start if self.attack_start is not None else d.attack_start,
+            eval_step_size=self.eval_step_size if self.eval_step_size is not None else d.eval_step_size or d.step_size,
             model=self.model if self.model is not None else d.model,
             lr=self.lr if self.lr is not None else d.lr,
             batch_size=self.batch_size if self.batch_size is not None else d.batch_size,
@@ -179,8 +199,11 @@ class RunConfig:
         need(self.step_size >= 0, f"--step-size must be >= 0 (got {self.step_size})")
         need(self.attack_steps >= 0, f"--attack-steps must be >= 0 (got {self.attack_steps})")
         need(self.eval_steps >= 0, f"--eval-steps must be >= 0 (got {self.eval_steps})")
+        need(self.attack_start in ATTACK_STARTS,
+             f"--attack-start {self.attack_start!r} is not one of {', '.join(ATTACK_STARTS)}")
+        need(self.eval_step_size >= 0, f"--eval-step-size must be >= 0 (got {self.eval_step_size})")
         need(self.trades_beta >= 0, f"--trades-beta must be >= 0 (got {self.trades_beta})")
-        need(self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})")
+        need(self.eval_every is None or self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})")
         need(self.eval_samples is None or self.eval_samples >= 1, f"--eval-samples must be >= 1 (got {self.eval_samples})")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1 (got {self.checkpoint_every})")
         need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1 (got {self.keep_checkpoints})")
@@ -200,7 +223,9 @@ class RunConfig:
 
 
 def parse_fraction(text: str) -> float:
-    """Parse '0.3', '8/255' or '2 / 255' into a float (pixel units in [0, 1])."""
+    """Parse '0.3', '8/255' or '2 / 255' (or a number from a config file) into a float."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
     try:
         if "/" in text:
             num, den = text.split("/", 1)
@@ -231,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog="python -m ray_fedat.train",
         description="Federated adversarial training on a Ray cluster (Ray Train TorchTrainer, "
-        "one worker per node). Defaults marked 'per dataset' follow the CalFAT article.",
+        "one worker per node). Defaults marked 'per dataset' are the README's recipe: the CalFAT "
+        "article's threat model and evaluation, with a sturdier training setup.",
         formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -271,12 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epsilon", type=parse_fraction, default=None, help="L-inf budget in pixel units, e.g. 0.3 or 8/255 (per dataset)")
     g.add_argument("--step-size", type=parse_fraction, default=None, help="attack step size (per dataset)")
     g.add_argument("--attack-steps", type=int, default=None, help="attack steps while training (per dataset)")
+    g.add_argument("--attack-start", default=None,
+                   help="where the calfat/trades KL attack starts: gaussian (x + 0.001 N(0,1), the article's) or "
+                   "uniform (a random point of the eps-ball, as PGD does) (per dataset)")
     g.add_argument("--eval-steps", type=int, default=None, help="PGD steps for robust evaluation (per dataset)")
+    g.add_argument("--eval-step-size", type=parse_fraction, default=None,
+                   help="PGD step size for robust evaluation; a fixed yardstick, independent of --step-size (per dataset)")
     g.add_argument("--eps-warmup-rounds", type=int, default=None,
                    help="ramp epsilon up linearly over the first N rounds; 0 = full epsilon from round 1 (per dataset)")
     g.add_argument("--trades-beta", type=float, default=d.trades_beta, help="TRADES KL weight")
     g.add_argument("--calfat-tau", type=float, default=d.calfat_tau, help="CalFAT calibration strength: z + tau*log(class count)")
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate the global model every N rounds")
+    g.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate the global model every N rounds and at the last (default: every round; with "
+                   "--time-budget, as often as keeps evaluation under a fifth of the time)")
     g.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images (default: all)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
     g = p.add_argument_group("model")

@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack", choices=("pgd", "autoattack"), default="pgd", help="white-box attack")
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default: the run's --eval-steps)")
     p.add_argument("--epsilon", type=parse_fraction, default=None, help="L-inf budget (default: the run's)")
-    p.add_argument("--step-size", type=parse_fraction, default=None, help="PGD step size (default: the run's)")
+    p.add_argument("--step-size", type=parse_fraction, default=None, help="PGD step size (default: the run's --eval-step-size)")
     p.add_argument("--dataset", default=None, help="override the run's dataset")
     p.add_argument("--data-file", default=None, help="override the run's --data-file (npz)")
     p.add_argument("--data-dir", default=None, help="override the run's --data-dir")
@@ -50,16 +50,20 @@ def run_config_for(meta: dict, checkpoint: str, args) -> RunConfig:
             with open(summary) as f:
                 saved = json.load(f)["config"]
     cfg = RunConfig.from_dict(saved) if saved else RunConfig(model=meta.get("model"))
-    for key in ("dataset", "data_file", "data_dir", "epsilon", "step_size"):
+    for key in ("dataset", "data_file", "data_dir", "epsilon"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
+    if args.step_size is not None:
+        cfg.eval_step_size = args.step_size
     if not saved and args.dataset is None:
         raise ConfigError(f"{checkpoint}: no summary.json beside it; pass --dataset (and --data-file for npz)")
     defaults = DATASET_DEFAULTS[cfg.dataset] if cfg.dataset in DATASET_DEFAULTS else None
     if defaults is None:
         raise ConfigError(f"--dataset {cfg.dataset!r} is not known")
     cfg.epsilon = cfg.epsilon if cfg.epsilon is not None else defaults.epsilon
-    cfg.step_size = cfg.step_size if cfg.step_size is not None else defaults.step_size
+    # Runs saved before --eval-step-size existed evaluated with their training step size.
+    cfg.eval_step_size = next(v for v in (cfg.eval_step_size, cfg.step_size, defaults.eval_step_size,
+                                          defaults.step_size) if v is not None)
     cfg.eval_steps = args.steps if args.steps is not None else (cfg.eval_steps or defaults.eval_steps)
     return cfg
 
@@ -98,13 +102,13 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
         x, y = x[: args.samples], y[: args.samples]
     started = time.time()
     steps = cfg.eval_steps if args.attack == "pgd" else 0
-    n, natural, robust = count_correct(model, x, y, epsilon=cfg.epsilon, step_size=cfg.step_size, steps=steps,
+    n, natural, robust = count_correct(model, x, y, epsilon=cfg.epsilon, step_size=cfg.eval_step_size, steps=steps,
                                        batch_size=args.batch_size, seed=args.seed, round_=0, device=device).tolist()
     result = {"checkpoint": os.path.abspath(args.checkpoint), "round": meta.get("round"), "dataset": cfg.dataset,
               "model": meta.get("model") or cfg.model, "images": int(n), "epsilon": cfg.epsilon,
               "natural_acc": natural / n}
     if args.attack == "pgd":
-        result.update(attack=f"PGD-{cfg.eval_steps}", step_size=cfg.step_size, robust_acc=robust / n)
+        result.update(attack=f"PGD-{cfg.eval_steps}", step_size=cfg.eval_step_size, robust_acc=robust / n)
     else:
         result.update(attack="AutoAttack (standard)", robust_acc=autoattack_accuracy(
             model, x, y, cfg.epsilon, data.num_classes, args.batch_size, args.seed, device))

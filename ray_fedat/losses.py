@@ -25,6 +25,7 @@ class LocalContext:
     generator: Optional[torch.Generator] = None
     trades_beta: float = 6.0
     calfat_tau: float = 0.1
+    attack_start: str = "gaussian"  # where the KL attack begins (see attacks.kl_attack)
 
 
 def calibrate(logits: torch.Tensor, class_counts: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
@@ -66,7 +67,8 @@ def trades_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
     with attacking(model):
         with torch.no_grad():  # the attack's target needs no graph
             natural_probs = F.softmax(model(x), dim=1)
-        x_adv = kl_attack(model, x, natural_probs, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator)
+        x_adv = kl_attack(model, x, natural_probs, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator,
+                          ctx.attack_start)
     logits_nat, logits_adv = model(x), model(x_adv)
     robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
     return F.cross_entropy(logits_nat, y) + ctx.trades_beta * robust
@@ -79,7 +81,8 @@ def calfat_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
     with attacking(model):
         with torch.no_grad():  # natural logits: once per batch, no graph
             natural_probs = F.softmax(calibrated(x), dim=1)
-        x_adv = kl_attack(calibrated, x, natural_probs, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator)
+        x_adv = kl_attack(calibrated, x, natural_probs, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator,
+                          ctx.attack_start)
     return F.cross_entropy(calibrated(x_adv), y)
 
 

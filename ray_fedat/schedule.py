@@ -32,3 +32,12 @@ def plan_rounds(done_rounds: int, seconds_left: float, seconds_per_round: float,
     rounds already done."""
     more = math.floor((seconds_left - reserve_s) / max(seconds_per_round, 1e-9))
     return max(done_rounds, min(max_rounds, done_rounds + max(more, 0)))
+
+
+def eval_interval(train_s: float, eval_s: float, share: float, most: int = 10) -> int:
+    """Evaluate every k rounds, the smallest k (at most `most`) for which evaluation takes at
+    most `share` of the time: eval_s / (k * train_s + eval_s) <= share."""
+    if eval_s <= 0:
+        return 1
+    k = math.ceil(eval_s * (1 - share) / (share * max(train_s, 1e-9)) - 1e-9)
+    return max(1, min(most, k))

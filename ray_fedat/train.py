@@ -213,6 +213,7 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
         summary["time_budget"] = {
             "budget_s": cfg.time_budget,
             "planned_rounds": records[-1].get("planned_rounds") if records else None,
+            "eval_every": records[-1].get("eval_every") if records else None,
             "elapsed_s": (time.time() - launched) if launched else None,  # from CLI start: data and Ray included
         }
     atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
@@ -255,7 +256,7 @@ def run(cfg: RunConfig) -> dict:
     try:
         use_gpu, strategy, placement = plan_placement(cfg)
         print(f"ray_fedat: {cfg.method} eps={cfg.epsilon:.4g} step={cfg.step_size:.4g} attack={cfg.attack_steps} "
-              f"eval=PGD-{cfg.eval_steps}, model {cfg.model}, "
+              f"eval=PGD-{cfg.eval_steps} step={cfg.eval_step_size:.4g}, model {cfg.model}, "
               f"{f'time budget {cfg.time_budget:g} s' if cfg.time_budget else f'{cfg.rounds} rounds'}; {where}, {placement}, "
               f"{'GPU/nccl' if use_gpu else 'CPU/gloo'}")
         print(f"ray_fedat: results in {run_dir}")

@@ -30,7 +30,7 @@ from .config import RunConfig
 from .evaluation import evaluate_distributed
 from .federation import assign_clients, gather_client_vectors, generator_for, sample_clients
 from .models import build_model
-from .schedule import epsilon_at, lr_at, plan_rounds
+from .schedule import epsilon_at, eval_interval, lr_at, plan_rounds
 
 def label_digest(labels) -> str:
     """A short fingerprint of a label array, to check every node holds the same data."""
@@ -114,11 +114,16 @@ def train_loop_per_worker(payload: dict) -> None:
     global_vec = global_vec.to(device)
     local_cfg = LocalTrainingConfig(cfg.method, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
                                     cfg.weight_decay, cfg.epsilon, cfg.step_size, cfg.attack_steps,
-                                    cfg.trades_beta, cfg.calfat_tau, payload["augment"])
+                                    cfg.trades_beta, cfg.calfat_tau, payload["augment"], cfg.attack_start)
     identity = worker_identity(device)
     planner = RoundPlanner(cfg, payload.get("deadline"), device)
 
-    round_ = first_round
+    def evaluate(round_: int) -> dict:
+        return evaluate_distributed(model, x_test, y_test, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
+                                    steps=cfg.eval_steps, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                                    round_=round_, device=device)
+
+    round_, last_report_s = first_round, 0.0
     while round_ <= planner.total_rounds:
         started_at = time.time()
         t0 = time.perf_counter()
@@ -148,15 +153,17 @@ def train_loop_per_worker(payload: dict) -> None:
         model.load_state_dict(unflatten_state(global_vec, spec))
         t_agg = time.perf_counter()
 
-        # Under a time budget any round may turn out to be the last: evaluate and checkpoint each.
-        closing = round_ == total_rounds or planner.deadline is not None
-        evaluated = round_ % cfg.eval_every == 0 or closing or round_ == first_round
-        scores = {"natural_acc": None, "robust_acc": None, "eval_images": 0}
-        if evaluated:
-            scores = evaluate_distributed(model, x_test, y_test, epsilon=cfg.epsilon, step_size=cfg.step_size,
-                                          steps=cfg.eval_steps, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                                          round_=round_, device=device)
+        eval_every = planner.eval_every  # the interval this round was planned with
+        evaluated = round_ == total_rounds or round_ == first_round or round_ % eval_every == 0
+        scores = evaluate(round_) if evaluated else {"natural_acc": None, "robust_acc": None, "eval_images": 0}
         t_eval = time.perf_counter()
+        # Re-plan before reporting, so that a round the new plan makes the last one is still
+        # closed with a full evaluation and a checkpoint.
+        planner.round_finished(round_, t_agg - t0 + last_report_s, t_eval - t_agg if evaluated else None)
+        closing = round_ == planner.total_rounds
+        if closing and not evaluated:
+            scores, evaluated = evaluate(round_), True
+            t_eval = time.perf_counter()
 
         record = {
             "round": round_,
@@ -164,6 +171,7 @@ def train_loop_per_worker(payload: dict) -> None:
             "train_loss": float((client_losses * w).sum() / w.sum()),
             "participants": ids.tolist(),
             "planned_rounds": planner.known,
+            "eval_every": eval_every,
             "lr": round_cfg.lr,
             "epsilon": epsilon,
             "resumed_from": first_round,  # 1, or the round this worker group restarted at
@@ -184,30 +192,39 @@ def train_loop_per_worker(payload: dict) -> None:
         wants_checkpoint = (round_ % cfg.checkpoint_every == 0 or closing
                             or new_best["natural"] or new_best["robust"])
         metrics = {**record, "worker": identity}
+        t_report = time.perf_counter()
         if rank == 0 and wants_checkpoint:
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(d, model, record, best, cfg.model, payload["shape"], payload["num_classes"])
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
-        planner.round_finished(round_, time.perf_counter() - t0)
+        last_report_s = time.perf_counter() - t_report  # counted in the next round's pace
         round_ += 1
 
 
 class RoundPlanner:
-    """The number of rounds: --rounds, or with --time-budget what fits before the deadline.
+    """The number of rounds and how often to evaluate: --rounds and --eval-every, or with
+    --time-budget what fits before the deadline.
 
-    After every round the plan is redone from the pace of that round (the slowest rank's
-    time, reporting included) and the time left, so a slow first round (warm-up, caches)
-    does not shrink the run for good. The lr and eps schedules follow the current plan."""
+    After every round the plan is redone from that round's pace (the slowest rank's time)
+    and the time left, so a slow first round (warm-up, caches) does not shrink the run for
+    good; the lr and eps schedules follow the current plan. Time for one last full
+    evaluation is always kept. Without --eval-every, a budgeted run evaluates as often as
+    keeps evaluation under EVAL_SHARE of the time: every round costs training time that
+    an evaluation does not give back."""
 
     MAX_ROUNDS = 100_000
+    EVAL_SHARE = 0.2
 
     def __init__(self, cfg: RunConfig, deadline: Optional[float], device: torch.device):
         self.deadline = deadline if cfg.time_budget else None
         self.total_rounds = cfg.rounds if self.deadline is None else self.MAX_ROUNDS
+        self.eval_every = cfg.eval_every or 1
+        self.auto_eval_every = cfg.eval_every is None and self.deadline is not None
         # Kept free at the end for the final summary, the model copy and Ray's shutdown.
         self.reserve_s = min(10.0, 2.0 + 0.05 * cfg.time_budget) if cfg.time_budget else 0.0
+        self.eval_s = 0.0
         self.device = device
 
     @property
@@ -215,11 +232,20 @@ class RoundPlanner:
         """The planned number of rounds, or None before the first round has been timed."""
         return None if self.total_rounds >= self.MAX_ROUNDS else self.total_rounds
 
-    def round_finished(self, round_: int, seconds: float) -> None:
+    def round_finished(self, round_: int, train_s: float, eval_s: Optional[float]) -> None:
+        """`train_s`: the round without evaluation (the previous report included); `eval_s`:
+        its evaluation, None when it had none (the same on every rank)."""
         if self.deadline is None or round_ >= self.total_rounds:
             return
         # Every rank must reach the same plan: agree on the slowest pace and the least time left.
-        pace = torch.tensor([seconds, -(self.deadline - time.time())], dtype=torch.float64, device=self.device)
+        times = torch.tensor([train_s, eval_s or 0.0, -(self.deadline - time.time())], dtype=torch.float64,
+                             device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(pace, op=dist.ReduceOp.MAX)
-        self.total_rounds = plan_rounds(round_, -float(pace[1]), float(pace[0]), self.reserve_s, self.MAX_ROUNDS - 1)
+            dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        train_s, seconds_left = float(times[0]), -float(times[2])
+        if eval_s is not None:
+            self.eval_s = float(times[1])
+        if self.auto_eval_every:
+            self.eval_every = eval_interval(train_s, self.eval_s, self.EVAL_SHARE)
+        pace = train_s + self.eval_s / self.eval_every
+        self.total_rounds = plan_rounds(round_, seconds_left - self.eval_s, pace, self.reserve_s, self.MAX_ROUNDS - 1)

@@ -43,6 +43,18 @@ def test_pgd_and_kl_attacks_stay_in_the_eps_ball_and_pixel_range(digits, trained
     assert (tight - x).abs().max() > EPS / 2  # the attack really moved
 
 
+def test_kl_attack_starts_near_the_image_or_anywhere_in_the_ball(digits, trained_model):
+    x = to_float(digits.x_test[:128])
+    probs = F.softmax(trained_model(x), 1).detach()
+    near = kl_attack(trained_model, x, probs, EPS, STEP, 0, torch.Generator().manual_seed(0), start="gaussian")
+    anywhere = kl_attack(trained_model, x, probs, EPS, STEP, 0, torch.Generator().manual_seed(0), start="uniform")
+    assert (near - x).abs().max() < 0.01  # 0.001 N(0, 1): the article's start
+    delta = (anywhere - x)[(x > EPS) & (x < 1 - EPS)]  # pixels the [0, 1] clamp leaves alone
+    assert delta.abs().max() <= EPS + 1e-6 and delta.abs().mean() == pytest.approx(EPS / 2, rel=0.1)
+    assert (kl_attack(trained_model, x, probs, EPS, STEP, 5, torch.Generator().manual_seed(0), start="uniform")
+            - x).abs().max() <= EPS + 1e-6
+
+
 def test_more_pgd_steps_never_raise_robust_accuracy_and_robust_is_at_most_natural(digits, trained_model):
     accs = []
     for steps in (0, 1, 5, 20):

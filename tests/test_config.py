@@ -6,14 +6,25 @@ import pytest
 from ray_fedat.config import ConfigError, parse_config
 
 
-def test_per_dataset_defaults_follow_the_article():
+def test_per_dataset_defaults_keep_the_articles_threat_model_and_evaluation():
     mnist = parse_config(["--dataset", "mnist"])
-    assert (mnist.epsilon, mnist.step_size, mnist.attack_steps, mnist.eval_steps) == (0.3, 0.01, 40, 40)
+    assert (mnist.epsilon, mnist.eval_step_size, mnist.eval_steps) == (0.3, 0.01, 40)
+    assert (mnist.step_size, mnist.attack_steps, mnist.batch_size) == (0.075, 5, 64)  # our cheaper training attack
+    assert mnist.step_size * mnist.attack_steps >= mnist.epsilon  # the training attack can cross the whole ball
     fmnist = parse_config(["--dataset", "fmnist"])
-    assert (fmnist.epsilon, fmnist.attack_steps, fmnist.eval_steps) == (0.3, 10, 20)
+    assert (fmnist.epsilon, fmnist.eval_step_size, fmnist.eval_steps) == (0.3, 0.01, 20)
     cifar = parse_config(["--dataset", "cifar10"])
     assert cifar.epsilon == pytest.approx(8 / 255) and cifar.step_size == pytest.approx(2 / 255)
     assert cifar.model == "resnet18"
+
+
+def test_evaluation_step_size_is_a_fixed_yardstick():
+    # Training with a larger attack step must not change the attack the run is judged by.
+    cfg = parse_config(["--dataset", "mnist", "--step-size", "0.04", "--attack-steps", "10"])
+    assert cfg.step_size == 0.04 and cfg.eval_step_size == 0.01
+    assert parse_config(["--dataset", "digits"]).eval_step_size == 0.025  # no separate default: the training step
+    assert parse_config(["--dataset", "mnist", "--eval-step-size", "0.02"]).eval_step_size == 0.02
+    assert parse_config(["--dataset", "cifar10"]).eval_step_size == pytest.approx(2 / 255)
 
 
 def test_epsilon_accepts_a_fraction_and_clients_default_to_workers():

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ray_fedat.schedule import epsilon_at, lr_at, plan_rounds
+from ray_fedat.schedule import epsilon_at, eval_interval, lr_at, plan_rounds
 
 
 def test_cosine_lr_starts_at_base_and_decays_monotonically():
@@ -24,6 +24,18 @@ def test_plan_rounds_fits_the_time_left():
     assert plan_rounds(1, seconds_left=1e6, seconds_per_round=1, reserve_s=0, max_rounds=50) == 50
 
 
+def test_eval_interval_keeps_evaluation_under_its_share():
+    assert eval_interval(train_s=20, eval_s=10, share=0.2) == 2  # 10 / (2 * 20 + 10) = 20%
+    assert eval_interval(train_s=20, eval_s=11, share=0.2) == 3
+    assert eval_interval(train_s=100, eval_s=10, share=0.2) == 1
+    assert eval_interval(train_s=1, eval_s=100, share=0.2) == 10  # capped: best models still get picked
+    assert eval_interval(train_s=5, eval_s=0, share=0.2) == 1
+    for train_s, eval_s in [(20, 10), (3, 7), (0.7, 0.3)]:
+        k = eval_interval(train_s, eval_s, 0.2)
+        assert eval_s / (k * train_s + eval_s) <= 0.2 + 1e-9
+        assert k == 1 or eval_s / ((k - 1) * train_s + eval_s) > 0.2  # and it is the smallest such k
+
+
 @pytest.mark.ray
 def test_time_budget_plans_rounds_and_finishes_inside_it(tmp_path, ray_session):
     from test_ray_training import train
@@ -34,7 +46,11 @@ def test_time_budget_plans_rounds_and_finishes_inside_it(tmp_path, ray_session):
     plan = summary["time_budget"]
     assert plan["budget_s"] == budget and plan["planned_rounds"] == summary["rounds_completed"] >= 3
     assert plan["elapsed_s"] <= budget
-    assert records[0]["planned_rounds"] is None and records[-1]["planned_rounds"] == records[-1]["round"]
+    assert all(r["planned_rounds"] >= r["round"] for r in records)
+    assert records[-1]["planned_rounds"] == records[-1]["round"]
+    # Evaluated in round 1, every eval_every rounds after, and at the end (the planner's choice).
+    for r in records:
+        assert (r["natural_acc"] is not None) == (r["round"] in (1, len(records)) or r["round"] % r["eval_every"] == 0)
     assert [r["epsilon"] for r in records[:3]] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])
     assert records[-1]["lr"] < records[1]["lr"] < records[0]["lr"]  # cosine decay over the planned rounds
     with open(f"{run_dir}/summary.json") as f:

@@ -10,17 +10,17 @@ import time
 
 import pytest
 
-from ray_fedat.config import ConfigError, parse_config
+from ray_fedat.config import DATASET_DEFAULTS, ConfigError, parse_config
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
 def test_command_line_flags_override_the_config_file(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("dataset: digits\nrounds: 7\nlr: 0.2\nepsilon: 8/255\nlocal-epochs: 2\n")
+    path.write_text("dataset: digits\nrounds: 7\nlr: 0.2\nepsilon: 8/255\nstep-size: 0.01\nlocal-epochs: 2\n")
     cfg = parse_config(["--config", str(path), "--rounds", "3"])
     assert (cfg.rounds, cfg.lr, cfg.local_epochs) == (3, 0.2, 2)
-    assert cfg.epsilon == pytest.approx(8 / 255)
+    assert cfg.epsilon == pytest.approx(8 / 255) and cfg.step_size == 0.01  # a fraction and a plain YAML number
     toml = tmp_path / "run.toml"
     toml.write_text('dataset = "digits"\nrounds = 9\nmethod = "trades"\n')
     cfg = parse_config(["--config", str(toml), "--method", "pgd"])
@@ -45,6 +45,9 @@ def test_bad_config_files_name_the_problem(tmp_path, text, message):
 def test_example_configs_parse(path):
     cfg = parse_config(["--config", path])
     assert cfg.method in ("calfat", "trades", "pgd", "natural")
+    if cfg.dataset != "digits":  # the article's settings, whatever our defaults become
+        assert cfg.step_size == cfg.eval_step_size and cfg.lr_schedule == "constant" and cfg.eps_warmup_rounds == 0
+        assert cfg.attack_steps == {"mnist": 40, "fmnist": 10, "cifar10": 10}[cfg.dataset]
 
 
 def test_print_config_shows_the_resolved_configuration_and_exits(tmp_path):
@@ -56,7 +59,8 @@ def test_print_config_shows_the_resolved_configuration_and_exits(tmp_path):
     import yaml
 
     shown = yaml.safe_load(proc.stdout)
-    assert shown["rounds"] == 7 and shown["lr"] == 0.5 and shown["epsilon"] == 0.3 and shown["attack_steps"] == 40
+    assert shown["rounds"] == 7 and shown["lr"] == 0.5 and shown["epsilon"] == 0.3
+    assert shown["attack_steps"] == DATASET_DEFAULTS["mnist"].attack_steps  # per-dataset defaults filled in
 
 
 def read_tensorboard_scalars(run_dir):
