@@ -47,13 +47,15 @@ class DatasetDefaults:
 # The reference article's settings: MNIST/FMNIST eps=0.3 step 0.01 (40 attack steps on
 # MNIST, 10 otherwise; PGD-40 eval on MNIST, PGD-20 otherwise); CIFAR-10 eps=8/255 step 2/255.
 # The evaluation attack stays the article's everywhere: it is the yardstick.
-# Beyond the article, on MNIST/FMNIST (measured with benchmarks/recipe_ablation.py: real
-# MNIST, 8k images, 2 IID clients averaged every epoch, one core, PGD-20 on 1k test images):
+# Beyond the article, on MNIST/FMNIST (measured with the loop now in
+# benchmarks/recipe_ablation.py, see benchmarks/README.md: real MNIST, 8k images, 2 IID
+# clients averaged every epoch, one core, PGD-20 on 1k test images):
 # - the KL attack starts at a uniform random point of the eps-ball, not at x + 0.001 N(0,1):
 #   CalFAT after 9 epochs 90.1% vs 80.8% robust (3 steps of 0.1);
 # - 3 attack steps of 0.1 instead of 40 of 0.01 (3 x 0.1 still crosses the ball): an epoch
-#   costs a fifth, and robust accuracy per second is higher (PGD-AT 89.8% after 177 s with
-#   3 steps, 88.4% after 201 s with 5 steps of 0.075, 81.6% after 221 s with 10 of 0.04);
+#   costs under a third of 10 steps', and robust accuracy per second is higher (PGD-AT:
+#   89.8% after 177 s with 3 steps, 88.4% after 201 s with 5 of 0.075, 81.6% after 221 s
+#   with 10 of 0.04);
 # - batch 64: a FedAvg round of two clients makes half the SGD steps of one pass of central
 #   training; smaller batches give them back (75.7% vs 64.3% after 3 epochs, 10 steps);
 # - the TRADES small CNN rather than LeNet, a cosine learning-rate decay over the rounds,
