@@ -23,8 +23,13 @@ class CheckpointError(ConfigError):
     """A model file or checkpoint that is missing, truncated or not ours (one line)."""
 
 
+def cpu_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's state on the CPU: files written from GPU training load on any machine."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def save_model_file(path: str, model: torch.nn.Module, record: dict, model_name: str, shape, num_classes: int) -> None:
-    torch.save({"state_dict": model.state_dict(), "round": record["round"], "metrics": record,
+    torch.save({"state_dict": cpu_state_dict(model), "round": record["round"], "metrics": record,
                 "model": model_name, "shape": list(shape), "num_classes": num_classes}, path)
 
 
@@ -34,6 +39,41 @@ def save_checkpoint(directory: str, model: torch.nn.Module, record: dict, best: 
     save_model_file(os.path.join(directory, MODEL_FILE), model, record, model_name, shape, num_classes)
     with open(os.path.join(directory, STATE_FILE), "w") as f:
         json.dump({"round": record["round"], "best": best}, f)
+
+
+def read_checkpoint(directory: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(model state_dict, {"round", "best"}) from a Ray Train checkpoint directory."""
+    state_dict, _ = load_model_file(os.path.join(directory, MODEL_FILE))
+    try:
+        with open(os.path.join(directory, STATE_FILE)) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory}: no readable {STATE_FILE} ({e})") from None
+    return state_dict, state
+
+
+# The restore broadcast: one float64 tensor, [round, best natural value, its round, best
+# robust value, its round, model vector...]; NaN marks "no best yet". float64 holds every
+# float32 parameter exactly.
+RESTORE_HEADER = 5
+
+
+def pack_restore_state(model_vec: torch.Tensor, state: dict) -> torch.Tensor:
+    header = [float(state["round"])]
+    for kind in ("natural", "robust"):
+        best = state["best"].get(kind)
+        header += [float("nan"), float("nan")] if best is None else [float(best["value"]), float(best["round"])]
+    return torch.cat([torch.tensor(header, dtype=torch.float64), model_vec.detach().cpu().to(torch.float64)])
+
+
+def unpack_restore_state(packed: torch.Tensor) -> Tuple[torch.Tensor, dict]:
+    """(float32 model vector, {"round", "best"}) from pack_restore_state's tensor."""
+    header = packed[:RESTORE_HEADER].tolist()
+    best = {}
+    for i, kind in enumerate(("natural", "robust")):
+        value, round_ = header[1 + 2 * i], header[2 + 2 * i]
+        best[kind] = None if value != value else {"value": value, "round": int(round_)}
+    return packed[RESTORE_HEADER:].to(torch.float32), {"round": int(header[0]), "best": best}
 
 
 def load_model_file(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:

@@ -124,6 +124,8 @@ class RunConfig:
     device: str = "auto"
     address: Optional[str] = None
     storage_path: str = "./runs"
+    output_dir: Optional[str] = None  # None: <storage-path>/<name>, or runs/<name> for a storage URI
+    worker_nodes: Optional[str] = None  # comma-separated node IPs, one per worker in rank order
     name: Optional[str] = None
     seed: int = 0
     checkpoint_every: int = 1
@@ -213,7 +215,27 @@ class RunConfig:
         if self.name is not None:
             need(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
                  f"--name {self.name!r} must be a plain directory name")
+        if self.worker_nodes is not None:
+            need(len(self.worker_node_list()) == self.workers,
+                 f"--worker-nodes names {len(self.worker_node_list())} node(s) for {self.workers} worker(s); "
+                 "give one node IP per worker, in rank order")
+        from .storage import is_uri
+
+        need(not is_uri(self.output_dir), f"--output-dir {self.output_dir} must be a local directory "
+             "(the run's metrics and models are written on the driver's machine)")
         return self
+
+    def worker_node_list(self) -> Optional[list]:
+        return None if self.worker_nodes is None else [n.strip() for n in self.worker_nodes.split(",") if n.strip()]
+
+    def with_absolute_paths(self) -> "RunConfig":
+        """Every local path made absolute here, on the driver, before the config is shipped:
+        Ray Train workers run in their own working directory. Storage URIs stay as given."""
+        from .storage import absolute
+
+        return dataclasses.replace(self, data_dir=absolute(self.data_dir), data_file=absolute(self.data_file),
+                                   storage_path=absolute(self.storage_path), output_dir=absolute(self.output_dir),
+                                   resume=absolute(self.resume))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -322,7 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=d.device, help="auto: CUDA when every worker can get a GPU, else CPU")
     g.add_argument("--address", default=None,
                    help="Ray cluster address (else $RAY_ADDRESS, else a fresh local Ray just for this run)")
-    g.add_argument("--storage-path", default=d.storage_path, help="results root; a run writes <storage-path>/<name>/")
+    g.add_argument("--storage-path", default=d.storage_path,
+                   help="where Ray Train keeps checkpoints, in <storage-path>/<name>/: a local path (on a multi-node "
+                   "cluster without a shared mount only the worker on this node writes it), a path mounted at the same "
+                   "place on every node, or a URI such as s3://bucket/runs?endpoint_override=HOST:PORT&scheme=http")
+    g.add_argument("--output-dir", default=None, metavar="DIR",
+                   help="local directory for the run's metrics, summary, best and final models, curves (default: "
+                   "<storage-path>/<name>, or runs/<name> when --storage-path is a URI)")
+    g.add_argument("--worker-nodes", default=None, metavar="IP,IP,...",
+                   help="pin worker rank i to the node with the i-th IP (default: Ray places them)")
     g.add_argument("--name", default=None, help="run name (default: <dataset>-<method>-<timestamp>)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for partition, init, data order and attacks")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="Ray Train checkpoint every N rounds")
@@ -342,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # What a resumed run may change: how long and where it runs, not what it learns.
-RESUMABLE = ("rounds", "workers", "cpus_per_worker", "device", "address", "max_failures", "eval_every",
+RESUMABLE = ("rounds", "workers", "worker_nodes", "cpus_per_worker", "device", "address", "max_failures", "eval_every",
              "checkpoint_every", "keep_checkpoints", "dashboard", "verbose", "print_config")
 
 
@@ -369,9 +399,15 @@ def resume_config(run_dir: str, given: dict) -> RunConfig:
         raise ConfigError(f"--resume keeps the run's own settings; cannot change "
                           f"{', '.join('--' + k.replace('_', '-') for k in changed)} "
                           f"(allowed: {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})")
+    from .storage import is_uri
+
     cfg = RunConfig.from_dict({**saved, **given})
     cfg.resume = os.path.abspath(run_dir)
-    cfg.storage_path, cfg.name = os.path.split(cfg.resume)
+    if saved.get("output_dir") is None and not is_uri(saved.get("storage_path")):
+        # outputs and checkpoints share <storage>/<name>: follow the directory if it moved
+        cfg.storage_path, cfg.name = os.path.split(cfg.resume)
+    else:  # checkpoints live elsewhere (a URI, or a separate --output-dir): keep them
+        cfg.output_dir = cfg.resume
     return cfg
 
 
@@ -419,8 +455,8 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.resume:
-        return resume_config(ns.resume, explicit_flags(argv)).resolved().validate()
+        return resume_config(ns.resume, explicit_flags(argv)).resolved().validate().with_absolute_paths()
     if ns.config:
         merged = {**vars(ns), **load_config_file(ns.config, parser), **explicit_flags(argv)}
-        return RunConfig(**merged).resolved().validate()
-    return RunConfig(**vars(ns)).resolved().validate()
+        return RunConfig(**merged).resolved().validate().with_absolute_paths()
+    return RunConfig(**vars(ns)).resolved().validate().with_absolute_paths()

@@ -57,10 +57,16 @@ def connect_ray(cfg: RunConfig) -> tuple:
     quiet = dict(log_to_driver=cfg.verbose, logging_level=logging.INFO if cfg.verbose else logging.WARNING)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
+        from .auth import check_cluster_access, use_token_if_available
+
+        use_token_if_available()
+        problem = check_cluster_access(address)
+        if problem:
+            fail(problem)
         try:
             info = ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            fail(f"cannot reach a Ray cluster at {address} ({str(e).splitlines()[0]}); start one with "
+            fail(f"cannot join the Ray cluster at {address} ({str(e).splitlines()[0]}); start one with "
                  f"`ray start --head` on the head node, or omit --address/RAY_ADDRESS to run on a local Ray")
         return f"cluster at {address}{dashboard_note(info)}", True
     num_cpus = max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker)
@@ -77,16 +83,68 @@ def plan_placement(cfg: RunConfig):
     """(use_gpu, placement strategy, a sentence for the log)."""
     import ray
 
-    use_gpu = cfg.device == "cuda" or (
-        cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) >= cfg.workers)
-    if cfg.device == "cuda" and ray.cluster_resources().get("GPU", 0) < cfg.workers:
-        fail(f"--device cuda needs {cfg.workers} GPUs in the cluster, found "
-             f"{int(ray.cluster_resources().get('GPU', 0))}")
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus >= cfg.workers)
+    if cfg.device == "cuda" and gpus < cfg.workers:
+        fail(f"--device cuda needs {cfg.workers} GPUs in the cluster (one per worker), found {gpus}")
+    if cfg.device == "auto" and 0 < gpus < cfg.workers:
+        print(f"ray_fedat: training on CPU: the cluster has {gpus} GPU(s) for {cfg.workers} workers, and "
+              "--device auto uses GPUs only when every worker gets one (use --workers "
+              f"{gpus} to train on the GPUs)")
     need = "GPU" if use_gpu else "CPU"
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(need, 0) >= 1]
     if cfg.workers > 1 and len(nodes) >= cfg.workers:
         return use_gpu, "STRICT_SPREAD", f"one worker per node ({cfg.workers} of {len(nodes)} nodes)"
     return use_gpu, "PACK", f"{cfg.workers} workers packed on {len(nodes)} node(s)"
+
+
+def plan_storage_and_nodes(cfg: RunConfig, name: str, use_gpu: bool):
+    """Check who sees the storage path, pin workers to nodes where needed.
+    Returns (payload['storage'], per-worker label selectors or None, a sentence for the log)."""
+    import ray
+
+    from .storage import StorageError, local_run_storage, plan_storage, probe_nodes, write_marker
+
+    driver_node = ray.get_runtime_context().get_node_id()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    by_ip = {n["NodeManagerAddress"]: n["NodeID"] for n in alive}
+    pinned = None
+    if cfg.worker_nodes is not None:
+        unknown = [ip for ip in cfg.worker_node_list() if ip not in by_ip]
+        if unknown:
+            fail(f"--worker-nodes: no live Ray node has IP {', '.join(unknown)} (nodes: {', '.join(sorted(by_ip))})")
+        pinned = [by_ip[ip] for ip in cfg.worker_node_list()]
+    marker_dir = local_run_storage(cfg.storage_path, name)
+    token = write_marker(marker_dir) if marker_dir else None
+    driver = next(n for n in alive if n["NodeID"] == driver_node)
+    need = {"GPU": 1.0} if use_gpu else {}
+    need["CPU"] = float(cfg.cpus_per_worker)
+    driver_can_host = all(driver.get("Resources", {}).get(k, 0) >= v for k, v in need.items())
+    try:
+        # Nodes that could host a worker are the ones whose view of the storage matters.
+        hosts = [n["NodeID"] for n in alive if all(n.get("Resources", {}).get(k, 0) >= v for k, v in need.items())]
+        plan = plan_storage(cfg.storage_path, probe_nodes(marker_dir, token, sorted(set(hosts) | {driver_node})),
+                            driver_node, driver_can_host, pinned)
+    except StorageError as e:
+        fail(str(e))
+    if plan.pin_driver_node:  # one worker on this node, whatever order Ray creates them in
+        pinned = [driver_node] + [None] * (cfg.workers - 1)
+    selectors = None if pinned is None else [{} if n is None else {"ray.io/node-id": n} for n in pinned]
+    storage = {"uri": marker_dir is None, "marker_dir": marker_dir, "marker_token": token,
+               "driver_node": driver_node, "shared": plan.shared}
+    return storage, selectors, plan.note
+
+
+def worker_env(cfg: RunConfig) -> dict:
+    """Environment variables the workers need from the driver: object-store credentials
+    when checkpoints go to a URI (so one command on the head is enough)."""
+    from .storage import is_uri
+
+    if not is_uri(cfg.storage_path):
+        return {}
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
+             "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
+    return {k: os.environ[k] for k in names if os.environ.get(k)}
 
 
 def build_payload(cfg: RunConfig, data, parts, counts, use_gpu: bool) -> dict:
@@ -182,7 +240,7 @@ def save_final_model(run_dir: str, result, records: List[dict]) -> Optional[str]
 
 def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: str, wall_s: float = 0.0,
                   final_model: Optional[str] = None, error: Optional[str] = None,
-                  launched: Optional[float] = None) -> dict:
+                  launched: Optional[float] = None, storage: Optional[str] = None) -> dict:
     """summary.json: written when the run starts (so an interrupted run can be resumed)
     and again when it ends."""
     from .federation import assign_clients
@@ -202,6 +260,7 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
         "clients": [{"client": i, "size": int(c.sum()), "class_counts": c.tolist()} for i, c in enumerate(counts)],
         "client_assignment": {str(rank): ids for rank, ids in enumerate(assign_clients(cfg.clients, cfg.workers))},
         "placement": placement,
+        "storage": storage,  # where checkpoints go and who writes them
         "rounds_completed": records[-1]["round"] if records else 0,
         "final": evaluated[-1] if evaluated else None,
         "best": best_rounds(records),
@@ -234,8 +293,10 @@ def run(cfg: RunConfig) -> dict:
         print(json.dumps(cfg.to_dict(), indent=1))
         return {}
 
+    from .storage import default_output_dir
+
     name = cfg.name or default_name(cfg)
-    run_dir = os.path.join(os.path.abspath(os.path.expanduser(cfg.storage_path)), name)
+    run_dir = cfg.output_dir or default_output_dir(cfg.storage_path, name)
     if cfg.resume:
         print(f"ray_fedat: resuming {run_dir} up to round {cfg.rounds}")
     elif os.path.exists(run_dir) and os.listdir(run_dir):
@@ -255,13 +316,15 @@ def run(cfg: RunConfig) -> dict:
     where, owns_ray = connect_ray(cfg)
     try:
         use_gpu, strategy, placement = plan_placement(cfg)
+        storage, selectors, storage_note = plan_storage_and_nodes(cfg, name, use_gpu)
         print(f"ray_fedat: {cfg.method} eps={cfg.epsilon:.4g} step={cfg.step_size:.4g} attack={cfg.attack_steps} "
               f"eval=PGD-{cfg.eval_steps} step={cfg.eval_step_size:.4g}, model {cfg.model}, "
               f"{f'time budget {cfg.time_budget:g} s' if cfg.time_budget else f'{cfg.rounds} rounds'}; {where}, {placement}, "
               f"{'GPU/nccl' if use_gpu else 'CPU/gloo'}")
-        print(f"ray_fedat: results in {run_dir}")
+        print(f"ray_fedat: results in {run_dir}; {storage_note}")
         title = f"{name}: {cfg.method} on {cfg.dataset}, {cfg.clients} clients ({cfg.partition})"
         payload = build_payload(cfg, data, parts, counts, use_gpu)
+        payload["storage"] = storage
         if cfg.time_budget:  # the workers plan their rounds to end before this wall-clock time
             payload["deadline"] = launched + cfg.time_budget
         trainer = TorchTrainer(
@@ -270,14 +333,14 @@ def run(cfg: RunConfig) -> dict:
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cfg.cpus_per_worker},
-                                                   placement_strategy=strategy),
+                                                   placement_strategy=strategy, label_selector=selectors),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=os.path.dirname(run_dir),
+                name=name, storage_path=cfg.storage_path, worker_runtime_env={"env_vars": worker_env(cfg)},
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                 callbacks=[RunRecorder(run_dir, title)]),
         )
-        write_summary(run_dir, cfg, counts, placement, status="running")
+        write_summary(run_dir, cfg, counts, placement, status="running", storage=storage_note)
         started = time.time()
         result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started,
                                                      len(read_metrics(run_dir)))
@@ -291,7 +354,7 @@ def run(cfg: RunConfig) -> dict:
             draw_curves(run_dir, records, title)
         final_model = save_final_model(run_dir, result, records)
         summary = write_summary(run_dir, cfg, counts, placement, status, time.time() - started, final_model, error,
-                                launched=launched)
+                                launched=launched, storage=storage_note)
     finally:
         if owns_ray:
             ray.shutdown()

@@ -5,14 +5,16 @@
             start from the global model, adversarially train locally (no gradient sync)
         all_gather the client models, aggregate them into the new global model
         evaluate the global model (natural + PGD), sharded over the workers
-        ray.train.report(metrics, checkpoint from rank 0)
+        ray.train.report(metrics, checkpoint from the storage rank)
 
 The model is never wrapped in DistributedDataParallel: clients only meet at aggregation.
+The storage rank is rank 0 when every node sees the storage path, else the rank on the
+driver's node (see storage.py): it alone writes checkpoints, and after a restart it reads
+the latest one and broadcasts it to the others.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import tempfile
@@ -24,13 +26,14 @@ import torch
 import torch.distributed as dist
 
 from .aggregation import aggregate, flatten_state, server_step, unflatten_state
-from .checkpoints import MODEL_FILE, STATE_FILE, load_model_file, save_checkpoint
+from .checkpoints import pack_restore_state, read_checkpoint, save_checkpoint, unpack_restore_state
 from .client import ClientShard, LocalTrainingConfig, train_client
 from .config import RunConfig
 from .evaluation import evaluate_distributed
 from .federation import assign_clients, gather_client_vectors, generator_for, sample_clients
 from .models import build_model
 from .schedule import epsilon_at, eval_interval, lr_at, plan_rounds
+from .storage import RankStorage, sees_marker, storage_rank
 
 def label_digest(labels) -> str:
     """A short fingerprint of a label array, to check every node holds the same data."""
@@ -71,20 +74,59 @@ def worker_identity(device: torch.device) -> Dict:
             "device": str(device)}
 
 
-def restore(model: torch.nn.Module, payload: dict) -> tuple:
+def agree_on_storage_rank(storage: dict, storage_path: str, device: torch.device) -> int:
+    """Every rank says whether it sees the driver's storage marker and runs on the driver's
+    node (one all_gather); all then pick the same storage rank."""
+    import ray
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    on_driver_node = ray.get_runtime_context().get_node_id() == storage["driver_node"]
+    mine = torch.tensor([float(sees_marker(storage["marker_dir"], storage["marker_token"])), float(on_driver_node)],
+                        dtype=torch.float64, device=device)
+    everyone = [mine]
+    if world > 1:
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine)
+    return storage_rank([RankStorage(r, bool(t[1]), bool(t[0])) for r, t in enumerate(everyone)], storage_path)
+
+
+def restore_state(model: torch.nn.Module, source_rank: int, device: torch.device) -> tuple:
     """(first round to run, best-so-far metrics) from Ray Train's latest checkpoint (after a
-    worker failure) or the run being resumed; loads the model state in place."""
+    worker failure, or of the run being resumed); loads the model state in place.
+
+    Only `source_rank` reads the checkpoint: with a storage path on the driver's disk no
+    other machine can. It broadcasts model, round and best-so-far in one collective."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    checkpoint = ray.train.get_checkpoint()  # the same on every rank
+    if checkpoint is None:
+        return 1, {"natural": None, "robust": None}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    vec, spec = flatten_state(model.state_dict())
+    if rank == source_rank:
         with checkpoint.as_directory() as d:
-            state_dict, _ = load_model_file(os.path.join(d, MODEL_FILE))
-            with open(os.path.join(d, STATE_FILE)) as f:
-                state = json.load(f)
+            state_dict, state = read_checkpoint(d)
         model.load_state_dict(state_dict)
-        return state["round"] + 1, state["best"]
-    return 1, {"natural": None, "robust": None}
+        packed = pack_restore_state(flatten_state(model.state_dict())[0], state).to(device)
+    else:
+        packed = torch.empty(vec.numel() + 5, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(packed, src=source_rank)
+    vec, state = unpack_restore_state(packed.cpu())
+    model.load_state_dict(unflatten_state(vec, spec))
+    return state["round"] + 1, state["best"]
+
+
+def check_device(model: torch.nn.Module, device: torch.device, use_gpu: bool) -> None:
+    """A worker that was given a GPU must really train on it (a CPU-only torch build or a
+    hidden device would otherwise train on the CPU, silently and slowly)."""
+    if not use_gpu:
+        return
+    where = next(model.parameters()).device
+    if device.type != "cuda" or not torch.cuda.is_available() or where.type != "cuda":
+        raise RuntimeError(f"worker on {socket.gethostname()} was given a GPU but trains on {where} "
+                           f"(torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}); "
+                           "install a CUDA build of torch on that node, or use --device cpu")
 
 
 def improves(best: Optional[dict], value: Optional[float]) -> bool:
@@ -109,13 +151,15 @@ def train_loop_per_worker(payload: dict) -> None:
 
     torch.manual_seed(cfg.seed)  # same initial global model on every rank
     model = build_model(cfg.model, payload["shape"], payload["num_classes"]).to(device)
-    first_round, best = restore(model, payload)
+    check_device(model, device, payload["use_gpu"])
+    writer_rank = agree_on_storage_rank(payload["storage"], cfg.storage_path, device)
+    first_round, best = restore_state(model, writer_rank, device)
     global_vec, spec = flatten_state(model.state_dict())
     global_vec = global_vec.to(device)
     local_cfg = LocalTrainingConfig(cfg.method, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
                                     cfg.weight_decay, cfg.epsilon, cfg.step_size, cfg.attack_steps,
                                     cfg.trades_beta, cfg.calfat_tau, payload["augment"], cfg.attack_start)
-    identity = worker_identity(device)
+    identity = {**worker_identity(device), "writes_checkpoints": rank == writer_rank}
     planner = RoundPlanner(cfg, payload.get("deadline"), device)
 
     def evaluate(round_: int) -> dict:
@@ -193,7 +237,7 @@ def train_loop_per_worker(payload: dict) -> None:
                             or new_best["natural"] or new_best["robust"])
         metrics = {**record, "worker": identity}
         t_report = time.perf_counter()
-        if rank == 0 and wants_checkpoint:
+        if rank == writer_rank and wants_checkpoint:
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(d, model, record, best, cfg.model, payload["shape"], payload["num_classes"])
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

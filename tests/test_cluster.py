@@ -1,15 +1,21 @@
-"""cluster/ scripts: a real 2-host Ray cluster in two Linux network namespaces, token
-authentication, job submission, and the scripts' input checks."""
+"""cluster/ scripts and the target setup: a real 2-host Ray cluster whose hosts share no
+disk (two Linux network namespaces; the worker host has its own mount namespace with a
+private Ray temp dir and a private, empty copy of the storage path), started with the
+scripts as the README says; token authentication, job submission, a killed worker,
+--resume, and rank 0 on either host. One cluster serves the whole module."""
 import json
 import os
+import signal
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -62,18 +68,25 @@ def test_cluster_yaml_is_a_valid_launcher_config():
 
 class NetnsCluster:
     """Two network namespaces ("hosts") joined by a veth pair on a private /24 that exists
-    only between them. Everything started inside is killed by pid on exit, even on failure."""
+    only between them. The worker host runs in its own mount namespace in which the
+    storage root and its Ray temp dir are private, empty tmpfs mounts: it shares no disk
+    with the head for anything a run writes. Everything started inside is killed by pid
+    on exit, even on failure."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, root: Path):
         tag = uuid.uuid4().hex[:6]
         self.hosts = {"head": f"rfh{tag}", "worker": f"rfw{tag}"}
         self.nics = {"head": f"vh{tag}", "worker": f"vw{tag}"}
         self.ips = {"head": "10.213.7.1", "worker": "10.213.7.2"}
-        self.tmp = tmp_path
+        self.root = root
+        self.homes = {role: root / f"home-{role}" for role in self.hosts}  # each host's ~/.ray/auth_token
+        self.storage = root / "runs"  # the head's disk; the worker host sees an empty tmpfs here
         # Ray's unix sockets live under its temp dir: keep that path short (107-byte limit).
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="rf", dir="/tmp"))
 
     def __enter__(self):
+        for d in (*self.homes.values(), self.storage, self.ray_tmp / "head", self.ray_tmp / "worker"):
+            d.mkdir(parents=True, exist_ok=True)
         created = []
         try:
             for role, ns in self.hosts.items():
@@ -93,8 +106,41 @@ class NetnsCluster:
         return self
 
     def env(self, role, **extra):
-        return {"NET_IFACE": self.nics[role], "NUM_CPUS": "1", "RAY_TEMP_DIR": str(self.ray_tmp / role),
-                "RAY_AUTH_TOKEN_PATH": str(self.tmp / "token"), "RAY_BIN": RAY_BIN, **extra}
+        """The environment a user has on that host: its own HOME (token at ~/.ray/auth_token)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        return {**env, "HOME": str(self.homes[role]), "NET_IFACE": self.nics[role], "NUM_CPUS": "1",
+                "RAY_TEMP_DIR": str(self.ray_tmp / role), "RAY_BIN": RAY_BIN, **extra}
+
+    def start_head(self):
+        return subprocess.run(["ip", "netns", "exec", self.hosts["head"], "bash", str(CLUSTER / "start-head.sh")],
+                              capture_output=True, text=True, timeout=180, env=self.env("head"))
+
+    def start_worker(self):
+        """start-worker.sh inside a fresh mount namespace with private storage and temp dirs."""
+        private = f"mount -t tmpfs ray-fedat-private {self.storage} && " \
+                  f"mount -t tmpfs ray-fedat-private {self.ray_tmp / 'worker'} && "
+        cmd = ["ip", "netns", "exec", self.hosts["worker"], "unshare", "--mount", "--propagation", "private",
+               "bash", "-c", private + f"exec bash {CLUSTER / 'start-worker.sh'} {self.ips['head']}:6379"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=self.env("worker"))
+
+    def on(self, role, *cmd, timeout=600, **extra_env):
+        return subprocess.run(["ip", "netns", "exec", self.hosts[role], *cmd], capture_output=True, text=True,
+                              timeout=timeout, env=self.env(role, **extra_env))
+
+    def train(self, *argv, timeout=600):
+        """The README's training command, on the head, with nothing but the user's HOME."""
+        return self.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{self.ips['head']}:6379",
+                       "--dataset", "digits", "--workers", "2", "--storage-path", str(self.storage), *argv,
+                       timeout=timeout)
+
+    def worker_host_view(self, path):
+        """What the worker host sees at `path` (entered through its raylet's mount namespace)."""
+        raylet = next(p for p in subprocess.run(["ip", "netns", "pids", self.hosts["worker"]], capture_output=True,
+                                                text=True).stdout.split()
+                      if "raylet" in Path(f"/proc/{p}/comm").read_text())
+        out = subprocess.run(["nsenter", f"--mount=/proc/{raylet}/ns/mnt", "find", str(path)], capture_output=True,
+                             text=True)
+        return out.stdout.split()
 
     def __exit__(self, *exc):
         for ns in self.hosts.values():
@@ -116,54 +162,139 @@ def require_root():
         pytest.skip("needs root to create network namespaces")
 
 
-@pytest.mark.ray
-def test_two_host_cluster_with_token_auth_trains_on_two_node_ips_and_refuses_strangers(tmp_path):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One 2-host cluster for the module, started with the cluster/ scripts as the README says."""
     require_root()
-    with NetnsCluster(tmp_path) as c:
-        head, worker = c.hosts["head"], c.hosts["worker"]
-        started = script("start-head.sh", env=c.env("head"), netns=head)
+    with NetnsCluster(tmp_path_factory.mktemp("cluster")) as c:
+        started = c.start_head()
         assert started.returncode == 0, started.stderr
         assert f"Ray head running at {c.ips['head']}:6379" in started.stdout and "start-worker.sh" in started.stdout
-        assert (tmp_path / "token").stat().st_mode & 0o077 == 0  # the token is private
-        again = script("start-head.sh", env=c.env("head"), netns=head)
+        token = c.homes["head"] / ".ray" / "auth_token"
+        assert token.stat().st_mode & 0o077 == 0  # generated, and private
+        again = c.start_head()
         assert again.returncode == 0 and "already running" in again.stdout
-        joined = script("start-worker.sh", f"{c.ips['head']}:6379", env=c.env("worker"), netns=worker)
+        (c.homes["worker"] / ".ray").mkdir()
+        shutil.copy(token, c.homes["worker"] / ".ray" / "auth_token")  # the README's `scp` of the token
+        joined = c.start_worker()
         assert joined.returncode == 0, joined.stderr
+        yield c
 
-        token_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
-        train = subprocess.run(["ip", "netns", "exec", head, sys.executable, "-m", "ray_fedat.train",
-                                "--address", f"{c.ips['head']}:6379", "--dataset", "digits", "--workers", "2",
-                                "--rounds", "2", "--storage-path", str(tmp_path / "runs"), "--name", "netns"],
-                               capture_output=True, text=True, timeout=600, env=token_env)
-        assert train.returncode == 0, train.stderr[-3000:]
-        assert "one worker per node (2 of 2 nodes)" in train.stdout
-        summary = json.loads((tmp_path / "runs" / "netns" / "summary.json").read_text())
-        assert sorted(w["node_ip"] for w in summary["workers"]) == [c.ips["head"], c.ips["worker"]]
-        assert summary["rounds_completed"] == 2
 
-        # Strangers: no token, no access to the job API or to job submission.
-        probe = ("import urllib.request, urllib.error\n"
-                 "try:\n    urllib.request.urlopen('http://%s:8265/api/jobs/', timeout=20); print(200)\n"
-                 "except urllib.error.HTTPError as e:\n    print(e.code)\n") % c.ips["head"]
-        stranger_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-        stranger_env["HOME"] = str(tmp_path / "stranger")  # no ~/.ray/auth_token either
-        os.makedirs(stranger_env["HOME"], exist_ok=True)
-        http = subprocess.run(["ip", "netns", "exec", head, sys.executable, "-c", probe], capture_output=True,
-                              text=True, timeout=60, env=stranger_env)
-        assert http.stdout.strip() == "401", http.stderr
-        refused = subprocess.run(["ip", "netns", "exec", head, RAY_BIN, "job", "submit", "--address",
-                                  f"http://{c.ips['head']}:8265", "--no-wait", "--", "echo", "hello"],
-                                 capture_output=True, text=True, timeout=120, env=stranger_env)
-        assert refused.returncode != 0 or "no authentication token" in (refused.stdout + refused.stderr)
-        assert "no authentication token" in (refused.stdout + refused.stderr).lower()
+def read_records(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
-        # With the token, the documented job submission runs the training on the cluster.
-        job = subprocess.run(["ip", "netns", "exec", head, RAY_BIN, "job", "submit", "--address",
-                              f"http://{c.ips['head']}:8265", "--working-dir", str(REPO), "--",
-                              "python", "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
-                              "--rounds", "1", "--storage-path", str(tmp_path / "runs"), "--name", "job"],
-                             capture_output=True, text=True, timeout=600, env=token_env)
-        assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
-        job_summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
-        assert sorted(w["node_ip"] for w in job_summary["workers"]) == [c.ips["head"], c.ips["worker"]]
-        assert job_summary["status"] == "finished"
+
+def final_state(run_dir):
+    return torch.load(os.path.join(run_dir, "final_model.pt"), weights_only=True)
+
+
+def max_abs_diff(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.mark.ray
+def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_strangers(cluster, tmp_path):
+    c = cluster
+    train = c.train("--rounds", "2", "--name", "readme")
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "one worker per node (2 of 2 nodes)" in train.stdout
+    run_dir = c.storage / "readme"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sorted(w["node_ip"] for w in summary["workers"]) == [c.ips["head"], c.ips["worker"]]
+    assert summary["rounds_completed"] == 2
+    writer = [w for w in summary["workers"] if w["writes_checkpoints"]]
+    assert [w["node_ip"] for w in writer] == [c.ips["head"]]  # the storage is on the head's disk only
+    assert any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
+    assert not any("checkpoint_" in p for p in c.worker_host_view(c.storage))  # nothing landed there
+
+    # Strangers: no token, no access to the cluster, the job API or job submission.
+    stranger = {"HOME": str(tmp_path)}
+    refused = c.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{c.ips['head']}:6379",
+                   "--dataset", "digits", "--rounds", "1", "--storage-path", str(tmp_path), timeout=120, **stranger)
+    lines = [ln for ln in refused.stderr.splitlines() if ln.strip() and "gcs_client" not in ln]
+    assert refused.returncode == 2 and "requires its authentication token" in lines[-1], refused.stderr[-2000:]
+    assert "cannot reach" not in refused.stderr
+    probe = ("import urllib.request, urllib.error\n"
+             "try:\n    urllib.request.urlopen('http://%s:8265/api/jobs/', timeout=20); print(200)\n"
+             "except urllib.error.HTTPError as e:\n    print(e.code)\n") % c.ips["head"]
+    http = c.on("head", sys.executable, "-c", probe, timeout=60, **stranger)
+    assert http.stdout.strip() == "401", http.stderr
+    job = c.on("head", RAY_BIN, "job", "submit", "--address", f"http://{c.ips['head']}:8265", "--no-wait", "--",
+               "echo", "hello", timeout=120, **stranger)
+    assert "no authentication token" in (job.stdout + job.stderr).lower()
+    unreachable = c.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{c.ips['head']}:6390",
+                       "--dataset", "digits", "--rounds", "1", "--storage-path", str(tmp_path), timeout=120)
+    assert unreachable.returncode == 2 and "cannot reach a Ray cluster" in unreachable.stderr
+
+    # With the token, the documented job submission runs the training on the cluster.
+    job = c.on("head", RAY_BIN, "job", "submit", "--address", f"http://{c.ips['head']}:8265", "--working-dir",
+               str(REPO), "--", "python", "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
+               "--rounds", "1", "--storage-path", str(c.storage), "--name", "job", RAY_AUTH_MODE="token")
+    assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
+    job_summary = json.loads((c.storage / "job" / "summary.json").read_text())
+    assert sorted(w["node_ip"] for w in job_summary["workers"]) == [c.ips["head"], c.ips["worker"]]
+    assert job_summary["status"] == "finished"
+
+
+def kill_worker_after_round(proc, run_dir, after_round, node_ip=None):
+    """SIGKILL the RayTrainWorker on `node_ip` (default: rank 1) once `after_round` rounds
+    are recorded in `run_dir`."""
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if len(read_records(run_dir)) >= after_round:
+            with open(os.path.join(run_dir, "workers.json")) as f:
+                victim = next(w for w in json.load(f) if (w["node_ip"] == node_ip if node_ip else w["rank"] == 1))
+            os.kill(victim["pid"], signal.SIGKILL)
+            return victim
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"the run ended or stalled before a worker could be killed: {proc.communicate()[1][-3000:]}")
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("rank0", ["head", "worker"])
+def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster, rank0, request):
+    c = cluster
+    rounds = ["--rounds", "5", "--local-epochs", "2"]
+    plain_dir = c.storage / "plain"
+    if not (plain_dir / "final_model.pt").exists():  # the uninterrupted reference, once per module
+        plain = c.train(*rounds, "--name", "plain")
+        assert plain.returncode == 0, plain.stderr[-3000:]
+
+    # Rank 0 lands where Ray creates the first worker; force both cases.
+    order = [c.ips[rank0], c.ips["worker" if rank0 == "head" else "head"]]
+    name = f"killed-rank0-on-{rank0}"
+    cmd = ["ip", "netns", "exec", c.hosts["head"], sys.executable, "-m", "ray_fedat.train", "--address",
+           f"{c.ips['head']}:6379", "--dataset", "digits", "--workers", "2", "--storage-path", str(c.storage),
+           *rounds, "--max-failures", "1", "--worker-nodes", ",".join(order), "--name", name]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=c.env("head"))
+    run_dir = str(c.storage / name)
+    try:
+        victim = kill_worker_after_round(proc, run_dir, 2, c.ips["worker"])  # the host without the files
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    records = read_records(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+    assert any(r["resumed_from"] > 1 for r in records), "no round ran in a restarted worker group"
+    summary = json.loads((c.storage / name / "summary.json").read_text())
+    ranks = {w["rank"]: w for w in summary["workers"]}
+    assert ranks[0]["node_ip"] == c.ips[rank0]
+    assert [w["node_ip"] for w in summary["workers"] if w["writes_checkpoints"]] == [c.ips["head"]]
+    assert victim["pid"] not in [w["pid"] for w in summary["workers"]]
+    assert max_abs_diff(final_state(run_dir), final_state(plain_dir)) <= 1e-6
+
+    if rank0 == "worker":  # --resume of that run adds rounds, restored across the hosts again
+        resumed = c.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{c.ips['head']}:6379",
+                       "--resume", run_dir, "--rounds", "7")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        records = read_records(run_dir)
+        assert [r["round"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
+        assert [r["resumed_from"] for r in records[5:]] == [6, 6]
+        assert json.loads((c.storage / name / "summary.json").read_text())["workers"][0]["node_ip"] == c.ips["worker"]
