@@ -15,7 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
+from test_fault_tolerance import read_records
+from test_ray_training import final_state, max_abs_diff
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -179,22 +180,6 @@ def cluster(tmp_path_factory):
         joined = c.start_worker()
         assert joined.returncode == 0, joined.stderr
         yield c
-
-
-def read_records(run_dir):
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def final_state(run_dir):
-    return torch.load(os.path.join(run_dir, "final_model.pt"), weights_only=True)
-
-
-def max_abs_diff(a, b):
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 @pytest.mark.ray

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from test_cluster import kill_worker_after_round, read_records
+from test_cluster import kill_worker_after_round
+from test_fault_tolerance import read_records
 
 pytestmark = pytest.mark.ray
 
