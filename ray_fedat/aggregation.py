@@ -1,4 +1,6 @@
-"""Aggregation rules as pure functions over a stacked K x D tensor of client vectors.
+"""Aggregation rules as pure functions over a stacked K x D tensor of client vectors:
+FedAvg (also as a running sum), coordinate-wise median and trimmed mean, Krum, Multi-Krum
+and Bulyan. federation.py runs the same rules sharded over the workers.
 
 A model's state (parameters and buffers) travels as one flat float32 vector; BatchNorm
 running statistics are aggregated like parameters, and integer buffers
@@ -33,10 +35,43 @@ def unflatten_state(flat: torch.Tensor, spec: StateSpec) -> Dict[str, torch.Tens
     return out
 
 
+ROBUST_RULES = ("median", "trimmed-mean", "krum", "multi-krum", "bulyan")
+KRUM_RULES = ("krum", "multi-krum", "bulyan")  # they choose whole clients by pairwise distances
+
+
 def fedavg(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Average of the K rows weighted by `weights` (client sample counts)."""
     w = weights.to(dtype=updates.dtype, device=updates.device)
     return (w @ updates) / w.sum()  # a matrix-vector product: no K x D temporary
+
+
+class WeightedSum:
+    """FedAvg without holding the clients: a running sum of weight * vector and of the
+    weights, one client at a time, in one float64 tensor (the weight is its last entry,
+    so that workers exchange it in one collective). float64, so that summing the same
+    clients in another grouping (another number of workers) gives the same float32
+    average: a float32 value times an integer sample count is exact in float64, and the
+    sum's rounding errors stay far below float32's last bit."""
+
+    def __init__(self, dim: int, device: torch.device | str = "cpu"):
+        self.values = torch.zeros(dim + 1, dtype=torch.float64, device=device)
+
+    @classmethod
+    def from_values(cls, values: torch.Tensor) -> "WeightedSum":
+        self = cls.__new__(cls)
+        self.values = values
+        return self
+
+    @property
+    def weight(self) -> float:
+        return float(self.values[-1])
+
+    def add(self, vector: torch.Tensor, weight: float) -> None:
+        self.values[:-1].add_(vector.to(torch.float64), alpha=float(weight))
+        self.values[-1] += float(weight)
+
+    def mean(self) -> torch.Tensor:
+        return (self.values[:-1] / self.values[-1]).to(torch.float32)
 
 
 def coordinate_median(updates: torch.Tensor) -> torch.Tensor:
@@ -56,13 +91,102 @@ def trimmed_mean(updates: torch.Tensor, trim_ratio: float) -> torch.Tensor:
     return ordered[cut: k - cut].mean(dim=0)
 
 
-def aggregate(rule: str, updates: torch.Tensor, weights: torch.Tensor, trim_ratio: float = 0.1) -> torch.Tensor:
+def pairwise_sq_distances(updates: torch.Tensor) -> torch.Tensor:
+    """K x K squared Euclidean distances, in float64 (the |a|^2 + |b|^2 - 2ab form cancels
+    badly in float32 when clients are close). Squared distances add over coordinate
+    slices, which is how the sharded path builds this matrix."""
+    x = updates.to(torch.float64)
+    gram = x @ x.T
+    sq = gram.diagonal()
+    return (sq[:, None] + sq[None, :] - 2 * gram).clamp_(min=0.0).fill_diagonal_(0.0)
+
+
+def krum_scores(dist2: torch.Tensor, f: int) -> torch.Tensor:
+    """Krum's score of each client: the sum of its squared distances to its K - f - 2
+    nearest other clients (Blanchard et al., NeurIPS 2017)."""
+    k = dist2.shape[0]
+    neighbours = k - f - 2
+    if neighbours < 1:
+        raise ValueError(f"Krum needs K > 2f + 2 clients (K={k}, f={f})")
+    others = dist2 + torch.diag(torch.full((k,), torch.inf, dtype=dist2.dtype, device=dist2.device))
+    return others.sort(dim=1).values[:, :neighbours].sum(dim=1)
+
+
+def krum_select(dist2: torch.Tensor, f: int, m: int = 1) -> torch.Tensor:
+    """Krum (m = 1) and Multi-Krum (m > 1): the row indices of the m clients with the
+    lowest Krum scores, ascending. Ties go to the lower row; rows are in client-id order
+    everywhere, so the choice does not depend on the placement."""
+    order = torch.sort(krum_scores(dist2, f).cpu(), stable=True).indices
+    return order[:m].sort().values
+
+
+def bulyan_select(dist2: torch.Tensor, f: int) -> torch.Tensor:
+    """Bulyan's selection (El Mhamdi et al., ICML 2018): theta = K - 2f clients, here the
+    theta with the lowest Krum scores over all K clients ("Bulyan over Multi-Krum").
+    The paper's form re-runs Krum on the shrinking set of clients not chosen yet; near
+    the end that set has 2f + 1 clients and Krum's K - f - 2 neighbours drop below one,
+    so scoring once on all K keeps the neighbour count well defined."""
+    k = dist2.shape[0]
+    if k < 4 * f + 3:
+        raise ValueError(f"Bulyan needs K >= 4f + 3 clients (K={k}, f={f})")
+    return krum_select(dist2, f, k - 2 * f)
+
+
+def bulyan_coordinates(selected: torch.Tensor, f: int) -> torch.Tensor:
+    """Bulyan's coordinate rule over the theta selected rows: for each coordinate, the
+    mean of the beta = theta - 2f values closest to the coordinate's median."""
+    theta = selected.shape[0]
+    beta = theta - 2 * f
+    median = coordinate_median(selected)
+    closest = torch.sort((selected - median).abs(), dim=0, stable=True).indices[:beta]
+    return selected.gather(0, closest).mean(dim=0)
+
+
+def krum(updates: torch.Tensor, f: int) -> torch.Tensor:
+    return updates[krum_select(pairwise_sq_distances(updates), f, 1)[0]].clone()
+
+
+def multi_krum_size(k: int, f: int) -> int:
+    """How many clients Multi-Krum averages: K - f (all but the assumed Byzantine ones)."""
+    return k - f
+
+
+def multi_krum(updates: torch.Tensor, f: int) -> torch.Tensor:
+    """The plain (unweighted) mean of the K - f clients with the lowest Krum scores."""
+    chosen = krum_select(pairwise_sq_distances(updates), f, multi_krum_size(len(updates), f))
+    return updates[chosen].mean(dim=0)
+
+
+def bulyan(updates: torch.Tensor, f: int) -> torch.Tensor:
+    return bulyan_coordinates(updates[bulyan_select(pairwise_sq_distances(updates), f)], f)
+
+
+def check_rule(rule: str, k: int, f: int) -> None:
+    """The rules' preconditions on K clients per round and f Byzantine ones (ValueError,
+    one line, naming what to change)."""
+    if rule in ("krum", "multi-krum") and not k > 2 * f + 2:
+        raise ValueError(f"--aggregator {rule} needs more than 2f + 2 = {2 * f + 2} clients per round "
+                         f"(f = {f}, {k} clients take part); lower --aggregator-f or add clients")
+    if rule == "bulyan" and not k >= 4 * f + 3:
+        raise ValueError(f"--aggregator bulyan needs at least 4f + 3 = {4 * f + 3} clients per round "
+                         f"(f = {f}, {k} clients take part); lower --aggregator-f or add clients")
+
+
+def aggregate(rule: str, updates: torch.Tensor, weights: torch.Tensor, trim_ratio: float = 0.1,
+              f: int = 0) -> torch.Tensor:
+    """Any rule on a K x D tensor in one process (the reference the sharded path matches)."""
     if rule == "fedavg":
         return fedavg(updates, weights)
     if rule == "median":
         return coordinate_median(updates)
     if rule == "trimmed-mean":
         return trimmed_mean(updates, trim_ratio)
+    if rule == "krum":
+        return krum(updates, f)
+    if rule == "multi-krum":
+        return multi_krum(updates, f)
+    if rule == "bulyan":
+        return bulyan(updates, f)
     raise ValueError(f"unknown aggregator {rule!r}")
 
 

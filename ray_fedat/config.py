@@ -19,7 +19,8 @@ from .schedule import LR_SCHEDULES
 DATASETS = ("mnist", "fmnist", "cifar10", "digits", "npz")
 PARTITIONS = ("iid", "dirichlet", "shards")
 METHODS = ("calfat", "trades", "pgd", "natural")
-AGGREGATORS = ("fedavg", "median", "trimmed-mean")
+AGGREGATORS = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
+BYZANTINE_ATTACKS = ("sign-flip", "gaussian", "scale", "label-flip")  # see byzantine.py
 DEVICES = ("auto", "cpu", "cuda")
 DATA_ON = ("driver", "nodes")
 ATTACK_STARTS = ("gaussian", "uniform")  # see attacks.kl_attack
@@ -102,6 +103,9 @@ class RunConfig:
     aggregator: str = "fedavg"
     trim_ratio: float = 0.1
     server_lr: float = 1.0
+    aggregator_f: Optional[int] = None  # None: --byzantine
+    byzantine: int = 0
+    byzantine_attack: str = "sign-flip"
     # adversary
     method: str = "calfat"
     epsilon: Optional[float] = None
@@ -159,6 +163,7 @@ class RunConfig:
             batch_size=self.batch_size if self.batch_size is not None else d.batch_size,
             lr_schedule=self.lr_schedule if self.lr_schedule is not None else d.lr_schedule,
             eps_warmup_rounds=self.eps_warmup_rounds if self.eps_warmup_rounds is not None else d.eps_warmup_rounds,
+            aggregator_f=self.aggregator_f if self.aggregator_f is not None else self.byzantine,
         )
 
     def validate(self) -> "RunConfig":
@@ -199,6 +204,17 @@ class RunConfig:
         need(0 < self.client_fraction <= 1, f"--client-fraction must be in (0, 1] (got {self.client_fraction})")
         need(0 <= self.trim_ratio < 0.5, f"--trim-ratio must be in [0, 0.5) (got {self.trim_ratio})")
         need(self.server_lr > 0, f"--server-lr must be > 0 (got {self.server_lr})")
+        need(0 <= self.byzantine < self.clients,
+             f"--byzantine must be in [0, --clients) (got {self.byzantine} with {self.clients} clients)")
+        need(self.byzantine_attack in BYZANTINE_ATTACKS,
+             f"--byzantine-attack {self.byzantine_attack!r} is not one of {', '.join(BYZANTINE_ATTACKS)}")
+        need(self.aggregator_f >= 0, f"--aggregator-f must be >= 0 (got {self.aggregator_f})")
+        from .aggregation import check_rule  # Krum needs K > 2f + 2, Bulyan K >= 4f + 3
+        per_round = self.clients if self.client_fraction >= 1 else max(1, math.ceil(self.client_fraction * self.clients))
+        try:
+            check_rule(self.aggregator, per_round, self.aggregator_f)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         need(0 <= self.epsilon <= 1, f"--epsilon must be in [0, 1] in pixel units (got {self.epsilon})")
         need(self.step_size >= 0, f"--step-size must be >= 0 (got {self.step_size})")
         need(self.attack_steps >= 0, f"--attack-steps must be >= 0 (got {self.attack_steps})")
@@ -316,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aggregator", default=d.aggregator, help=f"one of {', '.join(AGGREGATORS)}")
     g.add_argument("--trim-ratio", type=float, default=d.trim_ratio, help="trimmed-mean: share cut at each end")
     g.add_argument("--server-lr", type=float, default=d.server_lr, help="server step on the aggregated update (1 = FedAvg)")
+    g.add_argument("--aggregator-f", type=int, default=None,
+                   help="krum, multi-krum, bulyan: the number f of Byzantine clients per round to tolerate "
+                   "(default: --byzantine); Krum needs more than 2f + 2 clients per round, Bulyan 4f + 3")
+    g.add_argument("--byzantine", type=int, default=d.byzantine,
+                   help="make this many clients (drawn with --seed) malicious, to test the robust aggregators")
+    g.add_argument("--byzantine-attack", default=d.byzantine_attack,
+                   help=f"what the malicious clients send: {', '.join(BYZANTINE_ATTACKS)} (see ray_fedat/byzantine.py)")
     g = p.add_argument_group("adversary")
     g.add_argument("--method", default=d.method, help=f"local training method, one of {', '.join(METHODS)}")
     g.add_argument("--epsilon", type=parse_fraction, default=None, help="L-inf budget in pixel units, e.g. 0.3 or 8/255 (per dataset)")

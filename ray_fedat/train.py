@@ -243,6 +243,7 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
                   launched: Optional[float] = None, storage: Optional[str] = None) -> dict:
     """summary.json: written when the run starts (so an interrupted run can be resumed)
     and again when it ends."""
+    from .byzantine import byzantine_clients
     from .federation import assign_clients
     from .recorder import WORKERS_FILE, atomic_write_text, best_rounds, read_metrics
 
@@ -258,7 +259,10 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
         "error": error,
         "config": cfg.to_dict(),
         "clients": [{"client": i, "size": int(c.sum()), "class_counts": c.tolist()} for i, c in enumerate(counts)],
-        "client_assignment": {str(rank): ids for rank, ids in enumerate(assign_clients(cfg.clients, cfg.workers))},
+        "client_assignment": {str(rank): ids for rank, ids in  # balanced by samples, as the workers place them
+                              enumerate(assign_clients(cfg.clients, cfg.workers, [int(c.sum()) for c in counts]))},
+        "byzantine": {"clients": byzantine_clients(cfg.clients, cfg.byzantine, cfg.seed),
+                      "attack": cfg.byzantine_attack} if cfg.byzantine else None,
         "placement": placement,
         "storage": storage,  # where checkpoints go and who writes them
         "rounds_completed": records[-1]["round"] if records else 0,

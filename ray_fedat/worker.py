@@ -3,7 +3,8 @@
     for each round:
         for each of this worker's clients that take part:
             start from the global model, adversarially train locally (no gradient sync)
-        all_gather the client models, aggregate them into the new global model
+        aggregate the client models into the new global model (federation.py: a running
+            FedAvg sum all_gathered per worker, or a robust rule sharded by coordinate)
         evaluate the global model (natural + PGD), sharded over the workers
         ray.train.report(metrics, checkpoint from the storage rank)
 
@@ -25,12 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .aggregation import aggregate, flatten_state, server_step, unflatten_state
+from .aggregation import flatten_state, server_step, unflatten_state
+from .byzantine import STREAM as BYZANTINE_STREAM
+from .byzantine import byzantine_clients, corrupt_update, flip_labels
 from .checkpoints import pack_restore_state, read_checkpoint, save_checkpoint, unpack_restore_state
 from .client import ClientShard, LocalTrainingConfig, train_client
 from .config import RunConfig
 from .evaluation import evaluate_distributed
-from .federation import assign_clients, gather_client_vectors, generator_for, sample_clients
+from .federation import ClientUpdates, assign_clients, generator_for, sample_clients
 from .models import build_model
 from .schedule import epsilon_at, eval_interval, lr_at, plan_rounds
 from .storage import RankStorage, sees_marker, storage_rank
@@ -143,9 +146,12 @@ def train_loop_per_worker(payload: dict) -> None:
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device() if payload["use_gpu"] else torch.device("cpu")
 
-    clients_by_rank = assign_clients(cfg.clients, world)
+    clients_by_rank = assign_clients(cfg.clients, world, [sum(c) for c in payload["class_counts"]])
     my_clients = clients_by_rank[rank]
     shards, x_test, y_test = load_shards(payload, my_clients)
+    byzantine = set(byzantine_clients(cfg.clients, cfg.byzantine, cfg.seed))
+    if cfg.byzantine_attack == "label-flip":
+        shards = {cid: flip_labels(s, payload["num_classes"]) if cid in byzantine else s for cid, s in shards.items()}
     if cfg.eval_samples:
         x_test, y_test = x_test[: cfg.eval_samples], y_test[: cfg.eval_samples]
 
@@ -177,19 +183,19 @@ def train_loop_per_worker(payload: dict) -> None:
                                         epsilon=epsilon, step_size=cfg.step_size * epsilon / max(cfg.epsilon, 1e-12))
         participants = set(sample_clients(cfg.clients, cfg.client_fraction, cfg.seed, round_))
         mine = [c for c in my_clients if c in participants]
-        vectors, weights, losses = [], [], []
+        updates = ClientUpdates(cfg.aggregator, global_vec.numel(), len(mine), device)
         for cid in mine:
             model.load_state_dict(unflatten_state(global_vec, spec))
             loss = train_client(model, shards[cid], round_cfg, generator_for(cfg.seed, round_, cid), device)
-            vectors.append(flatten_state(model.state_dict())[0])
-            weights.append(len(shards[cid]))
-            losses.append(loss)
+            update = flatten_state(model.state_dict())[0]
+            if cid in byzantine:
+                update = corrupt_update(cfg.byzantine_attack, update, global_vec,
+                                        generator_for(cfg.seed, round_, cid, BYZANTINE_STREAM))
+            updates.add(cid, update, len(shards[cid]), loss)
         t_train = time.perf_counter()
 
-        most_per_worker = max(sum(c in participants for c in block) for block in clients_by_rank)
-        ids, stacked, w, client_losses = gather_client_vectors(mine, vectors, weights, losses, most_per_worker,
-                                                               global_vec.numel(), device)
-        aggregated = aggregate(cfg.aggregator, stacked, w, cfg.trim_ratio)
+        taking_part = [[c for c in block if c in participants] for block in clients_by_rank]
+        ids, w, client_losses, aggregated = updates.aggregate(taking_part, cfg.trim_ratio, cfg.aggregator_f)
         global_vec = server_step(global_vec, aggregated, cfg.server_lr)
         if not torch.isfinite(global_vec).all():
             raise FloatingPointError(f"round {round_}: the aggregated model has NaN/inf parameters "

@@ -1,0 +1,90 @@
+"""Byzantine clients, the robust rules' flags and their preconditions, and one real run."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ray_fedat.byzantine import (SCALE_FACTOR, SIGN_FLIP_FACTOR, byzantine_clients, corrupt_update, flip_labels)
+from ray_fedat.client import ClientShard
+from ray_fedat.config import ConfigError, parse_config
+from ray_fedat.federation import generator_for
+
+
+def test_malicious_clients_are_seeded_and_distinct():
+    a = byzantine_clients(20, 4, seed=3)
+    assert a == byzantine_clients(20, 4, seed=3) and a == sorted(a) and len(set(a)) == 4
+    assert set(a) <= set(range(20))
+    assert len({tuple(byzantine_clients(20, 4, seed=s)) for s in range(10)}) > 1
+    assert byzantine_clients(20, 0, seed=3) == []
+
+
+def test_each_attack_sends_what_byzantine_py_documents():
+    g, local = torch.zeros(5), torch.ones(5)
+    assert torch.equal(corrupt_update("sign-flip", local, g, generator_for(0)), torch.full((5,), -SIGN_FLIP_FACTOR))
+    assert torch.equal(corrupt_update("scale", local, g, generator_for(0)), torch.full((5,), SCALE_FACTOR))
+    assert torch.equal(corrupt_update("label-flip", local, g, generator_for(0)), local)
+    noise = corrupt_update("gaussian", local, g, generator_for(0, 1))
+    assert torch.equal(noise, corrupt_update("gaussian", local, g, generator_for(0, 1)))  # seeded
+    assert not torch.equal(noise, corrupt_update("gaussian", local, g, generator_for(0, 2)))
+    big = corrupt_update("gaussian", torch.zeros(100_000), torch.zeros(100_000), generator_for(0))
+    assert 0.98 < float(big.std()) < 1.02
+    with pytest.raises(ValueError):
+        corrupt_update("bribery", local, g, generator_for(0))
+
+
+def test_label_flip_poisons_the_labels_and_their_counts():
+    shard = ClientShard(3, torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 1, 9]),
+                        torch.tensor([1.0, 2, 0, 0, 0, 0, 0, 0, 0, 1]))
+    flipped = flip_labels(shard, 10)
+    assert flipped.y.tolist() == [9, 8, 8, 0]
+    assert flipped.class_counts.tolist() == [1.0, 0, 0, 0, 0, 0, 0, 0, 2, 1]
+    assert torch.equal(flipped.x, shard.x) and shard.y.tolist() == [0, 1, 1, 9]
+
+
+def test_new_flags_resolve_and_validate():
+    cfg = parse_config(["--dataset", "digits", "--clients", "11", "--byzantine", "2", "--aggregator", "bulyan"])
+    assert (cfg.byzantine, cfg.aggregator_f, cfg.byzantine_attack) == (2, 2, "sign-flip")  # f defaults to --byzantine
+    cfg = parse_config(["--dataset", "digits", "--clients", "10", "--aggregator", "krum", "--aggregator-f", "3"])
+    assert (cfg.byzantine, cfg.aggregator_f) == (0, 3)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--clients", "4", "--aggregator", "krum", "--byzantine", "1"], "krum needs more than 2f + 2 = 4 clients"),
+    (["--clients", "10", "--aggregator", "bulyan", "--byzantine", "2"], "bulyan needs at least 4f + 3 = 11 clients"),
+    (["--clients", "20", "--client-fraction", "0.5", "--aggregator", "bulyan", "--aggregator-f", "2"],
+     "(f = 2, 10 clients take part)"),
+    (["--clients", "4", "--byzantine", "4"], "--byzantine must be in [0, --clients)"),
+    (["--clients", "4", "--byzantine", "1", "--byzantine-attack", "bribery"], "--byzantine-attack 'bribery' is not one"),
+    (["--aggregator", "geomed"], "--aggregator 'geomed' is not one of"),
+])
+def test_preconditions_are_one_line_errors_before_training(argv, expected):
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--dataset", "digits", *argv])
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_prints_a_precondition_as_one_line():
+    proc = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--clients", "6",
+                           "--aggregator", "bulyan", "--byzantine", "1"], capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "4f + 3 = 7" in lines[0], proc.stderr
+
+
+@pytest.mark.ray
+def test_krum_run_with_a_byzantine_client_records_it(tmp_path, ray_session):
+    from ray_fedat.train import run
+
+    cfg = parse_config(["--dataset", "digits", "--storage-path", str(tmp_path), "--name", "byz", "--clients", "5",
+                        "--aggregator", "multi-krum", "--byzantine", "1", "--byzantine-attack", "gaussian",
+                        "--rounds", "2", "--model", "mlp", "--eval-samples", "200"])
+    summary = run(cfg)
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 2
+    assert summary["byzantine"] == {"clients": byzantine_clients(5, 1, 0), "attack": "gaussian"}
+    assignment = summary["client_assignment"]
+    assert sorted(sum(assignment.values(), [])) == list(range(5)) and len(assignment) == 2
+    with open(tmp_path / "byz" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert records[-1]["participants"] == list(range(5))
+    assert records[-1]["natural_acc"] > 0.5  # the N(0, 1) client is left out: the model still learns
