@@ -3,6 +3,10 @@
 Attacks take gradients with respect to the input only (torch.autograd.grad), so they
 never touch the model's parameter gradients. They leave the model's train/eval mode
 alone: the caller chooses it (training methods attack in eval mode).
+
+The example, its noise, the sign step and the projection are float32 whatever precision
+the model's forward runs in (precision.Forward returns float32 logits, so the input
+gradient comes back float32 too).
 """
 from __future__ import annotations
 

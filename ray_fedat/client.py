@@ -1,5 +1,11 @@
 """One client's local round: a fresh SGD optimizer, E epochs of adversarial training on its
-own shard, starting from the global model the caller loaded into `model`."""
+own shard, starting from the global model the caller loaded into `model`.
+
+The shard normally lives on the worker's device already (the worker moves it there once):
+batches are indexed and converted to float there, while the shuffling and augmentation
+draws come from the client's CPU generator, so results do not depend on the device. The
+loss is summed on the device and read once, when the client's round ends (no per-batch
+host sync)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +15,7 @@ import torch
 
 from .data import augment_batch, to_float
 from .losses import METHOD_LOSSES, LocalContext
+from .precision import Forward
 
 
 @dataclass
@@ -20,6 +27,10 @@ class ClientShard:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def to(self, device: torch.device) -> "ClientShard":
+        """The same shard with its images, labels and class counts on `device`."""
+        return ClientShard(self.client_id, self.x.to(device), self.y.to(device), self.class_counts.to(device))
 
 
 @dataclass
@@ -37,6 +48,7 @@ class LocalTrainingConfig:
     calfat_tau: float
     augment: bool
     attack_start: str = "gaussian"
+    precision: str = "fp32"  # "fp32" or "bf16" forwards (resolved; see precision.py)
 
 
 def batches(order: torch.Tensor, batch_size: int):
@@ -56,25 +68,27 @@ def train_client(model: torch.nn.Module, shard: ClientShard, cfg: LocalTrainingC
     """Train `model` in place on the shard; returns the mean training loss."""
     loss_fn = METHOD_LOSSES[cfg.method]
     ctx = LocalContext(cfg.epsilon, cfg.step_size, cfg.attack_steps, shard.class_counts.to(device),
-                       generator, cfg.trades_beta, cfg.calfat_tau, cfg.attack_start)
+                       generator, cfg.trades_beta, cfg.calfat_tau, cfg.attack_start,
+                       Forward.for_model(model, cfg.precision, device))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     model.train()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for _ in range(cfg.local_epochs):
-        order = torch.randperm(len(shard), generator=generator)
+        order = torch.randperm(len(shard), generator=generator)  # CPU generator: the same order on any device
         for idx in batches(order, cfg.batch_size):
-            x = to_float(shard.x[idx]).to(device, non_blocking=True)
-            y = shard.y[idx].to(device, non_blocking=True)
+            idx_on_data = idx.to(shard.x.device, non_blocking=True)
+            x = to_float(shard.x[idx_on_data]).to(device, non_blocking=True)
+            y = shard.y[idx_on_data].to(device, non_blocking=True)
             if cfg.augment:
                 x = augment_batch(x, generator)
             loss = loss_fn(model, x, y, ctx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(idx)
+            total += loss.detach().double() * len(idx)  # stays on the device: no sync per batch
             count += len(idx)
-    mean = total / max(count, 1)
+    mean = total.item() / max(count, 1)
     if not math.isfinite(mean):
         raise FloatingPointError(f"client {shard.client_id}: training loss became {mean} (try a smaller --lr)")
     return mean

@@ -24,6 +24,7 @@ BYZANTINE_ATTACKS = ("sign-flip", "gaussian", "scale", "label-flip")  # see byza
 DEVICES = ("auto", "cpu", "cuda")
 DATA_ON = ("driver", "nodes")
 ATTACK_STARTS = ("gaussian", "uniform")  # see attacks.kl_attack
+PRECISIONS = ("auto", "fp32", "bf16")  # see precision.py
 
 
 class ConfigError(ValueError):
@@ -126,6 +127,8 @@ class RunConfig:
     workers: int = 2
     cpus_per_worker: int = 1
     device: str = "auto"
+    precision: str = "auto"
+    deterministic: bool = False
     address: Optional[str] = None
     storage_path: str = "./runs"
     output_dir: Optional[str] = None  # None: <storage-path>/<name>, or runs/<name> for a storage URI
@@ -183,6 +186,7 @@ class RunConfig:
         need(self.method in METHODS, f"--method {self.method!r} is not one of {', '.join(METHODS)}")
         need(self.aggregator in AGGREGATORS, f"--aggregator {self.aggregator!r} is not one of {', '.join(AGGREGATORS)}")
         need(self.device in DEVICES, f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        need(self.precision in PRECISIONS, f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         need(self.model in MODELS, f"--model {self.model!r} is not one of {', '.join(sorted(MODELS))}")
         need(self.workers >= 1, f"--workers must be >= 1 (got {self.workers})")
         need(self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})")
@@ -365,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=d.workers, help="Ray Train workers (one per node on a cluster)")
     g.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker, help="CPUs reserved per worker (torch threads)")
     g.add_argument("--device", default=d.device, help="auto: CUDA when every worker can get a GPU, else CPU")
+    g.add_argument("--precision", default=d.precision,
+                   help=f"model forwards while training, one of {', '.join(PRECISIONS)}: bf16 autocast (examples, "
+                   "weights, optimizer and evaluation stay fp32); auto = bf16 on a bf16-capable GPU, fp32 on CPU")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (cuDNN, cuBLAS workspace, torch.use_deterministic_algorithms): "
+                   "the same model on any number of GPU workers and after a restart, at some speed cost")
     g.add_argument("--address", default=None,
                    help="Ray cluster address (else $RAY_ADDRESS, else a fresh local Ray just for this run)")
     g.add_argument("--storage-path", default=d.storage_path,

@@ -152,7 +152,10 @@ def load_dataset(cfg: RunConfig) -> ImageData:
     if cfg.dataset == "digits":
         return load_digits()
     if cfg.dataset == "npz":
-        return load_npz(cfg.data_file)
+        data = load_npz(cfg.data_file)
+        # An npz copy of CIFAR-10 (--preset cifar10) takes CIFAR-10's crop-and-flip too.
+        data.augment = cfg.preset == "cifar10"
+        return data
     return load_torchvision(cfg.dataset, cfg.data_dir, cfg.download)
 
 
@@ -167,11 +170,14 @@ def read_idx_gz(path: str) -> np.ndarray:
 
 
 def to_float(x_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels to float32 in [0, 1], on whichever device the pixels are."""
     return x_uint8.float().div_(255.0)
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, for a whole batch at once."""
+    """Random crop with zero padding and random horizontal flip, for a whole batch at once.
+    It runs on x's device; the offsets and flips come from the CPU `generator`, so the same
+    seed gives the same crops on any device."""
     b, c, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)

@@ -19,6 +19,7 @@ from .checkpoints import load_model_file
 from .config import DATASET_DEFAULTS, ConfigError, RunConfig, _OneLineParser, parse_fraction
 from .data import load_dataset, to_float
 from .evaluation import count_correct
+from .precision import prepare_model
 from .models import build_model
 
 
@@ -96,7 +97,7 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
     except RuntimeError as e:
         raise ConfigError(f"{args.checkpoint}: weights do not fit model {cfg.model} on {cfg.dataset} "
                           f"({str(e).splitlines()[0]})") from None
-    model.to(device).eval()
+    prepare_model(model, device).eval()  # the layout training evaluated with (channels_last for conv models)
     x, y = data.x_test, data.y_test
     if args.samples:
         x, y = x[: args.samples], y[: args.samples]

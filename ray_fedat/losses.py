@@ -1,7 +1,8 @@
 """Local training objectives: CalFAT, TRADES, PGD-AT and natural training.
 
 Each method is `loss(model, x, y, ctx) -> scalar tensor`, called with the model in train
-mode. Methods that attack switch the model to eval mode for the attack (so BatchNorm
+mode. Every model call goes through `ctx.forward` (bf16 autocast and channels_last when the
+worker computes that way, float32 logits always; see precision.py). Methods that attack switch the model to eval mode for the attack (so BatchNorm
 statistics are not polluted by adversarial batches) and back to train mode for the update.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .attacks import kl_attack, pgd_ce
+from .precision import Forward
 
 
 @dataclass
@@ -26,6 +28,7 @@ class LocalContext:
     trades_beta: float = 6.0
     calfat_tau: float = 0.1
     attack_start: str = "gaussian"  # where the KL attack begins (see attacks.kl_attack)
+    forward: Forward = Forward()  # how to call the model: fp32 or bf16, channels_last or not
 
 
 def calibrate(logits: torch.Tensor, class_counts: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
@@ -54,29 +57,29 @@ def attacking(model: torch.nn.Module):
 
 
 def natural_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
+    return F.cross_entropy(ctx.forward(model, x), y)
 
 
 def pgd_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
     with attacking(model):
-        x_adv = pgd_ce(model, x, y, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator)
-    return F.cross_entropy(model(x_adv), y)
+        x_adv = pgd_ce(ctx.forward.of(model), x, y, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator)
+    return F.cross_entropy(ctx.forward(model, x_adv), y)
 
 
 def trades_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
     with attacking(model):
         with torch.no_grad():  # the attack's target needs no graph
-            natural_probs = F.softmax(model(x), dim=1)
-        x_adv = kl_attack(model, x, natural_probs, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator,
+            natural_probs = F.softmax(ctx.forward(model, x), dim=1)
+        x_adv = kl_attack(ctx.forward.of(model), x, natural_probs, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator,
                           ctx.attack_start)
-    logits_nat, logits_adv = model(x), model(x_adv)
+    logits_nat, logits_adv = ctx.forward(model, x), ctx.forward(model, x_adv)
     robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_nat, dim=1), reduction="batchmean")
     return F.cross_entropy(logits_nat, y) + ctx.trades_beta * robust
 
 
 def calfat_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
     def calibrated(inputs):
-        return calibrate(model(inputs), ctx.class_counts, ctx.calfat_tau)
+        return calibrate(ctx.forward(model, inputs), ctx.class_counts, ctx.calfat_tau)
 
     with attacking(model):
         with torch.no_grad():  # natural logits: once per batch, no graph

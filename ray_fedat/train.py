@@ -315,6 +315,7 @@ def run(cfg: RunConfig) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .recorder import RunRecorder, draw_curves, read_metrics
+    from .precision import worker_runtime_env
     from .worker import train_loop_per_worker
 
     where, owns_ray = connect_ray(cfg)
@@ -342,7 +343,8 @@ def run(cfg: RunConfig) -> dict:
                 name=name, storage_path=cfg.storage_path, worker_runtime_env={"env_vars": worker_env(cfg)},
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                callbacks=[RunRecorder(run_dir, title)]),
+                callbacks=[RunRecorder(run_dir, title)],
+                worker_runtime_env=worker_runtime_env(cfg.deterministic)),  # CUBLAS_WORKSPACE_CONFIG
         )
         write_summary(run_dir, cfg, counts, placement, status="running", storage=storage_note)
         started = time.time()

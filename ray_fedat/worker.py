@@ -35,6 +35,7 @@ from .config import RunConfig
 from .evaluation import evaluate_distributed
 from .federation import ClientUpdates, assign_clients, generator_for, sample_clients
 from .models import build_model
+from .precision import configure_backends, prepare_model, resolve_precision
 from .schedule import epsilon_at, eval_interval, lr_at, plan_rounds
 from .storage import RankStorage, sees_marker, storage_rank
 
@@ -145,6 +146,8 @@ def train_loop_per_worker(payload: dict) -> None:
     world = ray.train.get_context().get_world_size()
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device() if payload["use_gpu"] else torch.device("cpu")
+    precision = resolve_precision(cfg.precision, device)  # of the training forwards; evaluation stays fp32
+    configure_backends(device, cfg.deterministic)
 
     clients_by_rank = assign_clients(cfg.clients, world, [sum(c) for c in payload["class_counts"]])
     my_clients = clients_by_rank[rank]
@@ -154,9 +157,12 @@ def train_loop_per_worker(payload: dict) -> None:
         shards = {cid: flip_labels(s, payload["num_classes"]) if cid in byzantine else s for cid, s in shards.items()}
     if cfg.eval_samples:
         x_test, y_test = x_test[: cfg.eval_samples], y_test[: cfg.eval_samples]
+    # Once, to the device: batches are then indexed and converted there (no per-batch copies).
+    shards = {cid: shard.to(device) for cid, shard in shards.items()}
+    x_test, y_test = x_test.to(device), y_test.to(device)
 
     torch.manual_seed(cfg.seed)  # same initial global model on every rank
-    model = build_model(cfg.model, payload["shape"], payload["num_classes"]).to(device)
+    model = prepare_model(build_model(cfg.model, payload["shape"], payload["num_classes"]), device)
     check_device(model, device, payload["use_gpu"])
     writer_rank = agree_on_storage_rank(payload["storage"], cfg.storage_path, device)
     first_round, best = restore_state(model, writer_rank, device)
@@ -164,8 +170,8 @@ def train_loop_per_worker(payload: dict) -> None:
     global_vec = global_vec.to(device)
     local_cfg = LocalTrainingConfig(cfg.method, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
                                     cfg.weight_decay, cfg.epsilon, cfg.step_size, cfg.attack_steps,
-                                    cfg.trades_beta, cfg.calfat_tau, payload["augment"], cfg.attack_start)
-    identity = {**worker_identity(device), "writes_checkpoints": rank == writer_rank}
+                                    cfg.trades_beta, cfg.calfat_tau, payload["augment"], cfg.attack_start, precision)
+    identity = {**worker_identity(device), "writes_checkpoints": rank == writer_rank, "precision": precision}
     planner = RoundPlanner(cfg, payload.get("deadline"), device)
 
     def evaluate(round_: int) -> dict:

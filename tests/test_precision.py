@@ -1,0 +1,209 @@
+"""The fast path on CPU: bf16 forwards, channels_last, device-resident data, one host sync per
+client round, and the --precision/--deterministic settings (no Ray here)."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ray_fedat.attacks import kl_attack, pgd_ce
+from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client
+from ray_fedat.config import ConfigError, RunConfig, parse_config
+from ray_fedat.data import load_dataset, load_digits, to_float
+from ray_fedat.evaluation import count_correct
+from ray_fedat.federation import generator_for
+from ray_fedat.models import build_model
+from ray_fedat.precision import (Forward, configure_backends, is_channels_last, prepare_model, resolve_precision,
+                                 worker_runtime_env)
+
+EPS, STEP = 0.1, 0.025
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def shard_of(digits, n=None):
+    x, y = digits.x_train[:n], digits.y_train[:n]
+    return ClientShard(0, x, y, torch.bincount(y, minlength=10).float())
+
+
+def local_cfg(method, epochs, precision, steps=3):
+    return LocalTrainingConfig(method, epochs, 32, 0.05, 0.9, 0.0, EPS, STEP, steps, 6.0, 0.1, False,
+                               precision=precision)
+
+
+def output_dtypes(model, kind=nn.Conv2d):
+    """Record the dtype of every conv (or linear) output while the hooks are on."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+             for m in model.modules() if isinstance(m, kind)]
+    return seen, hooks
+
+
+def train_recording_dtypes(model, kind, shard, cfg):
+    seen, hooks = output_dtypes(model, kind)
+    loss = train_client(model, shard, cfg, generator_for(0, 1, 0), CPU)
+    for h in hooks:
+        h.remove()
+    return loss, set(seen)
+
+
+@pytest.fixture(scope="module")
+def bf16_model(digits):
+    """A LeNet (channels_last) after a short CalFAT round in bf16. bf16 is emulated on CPUs
+    without AVX512-BF16/AMX, and slow: the LeNet checks use little data."""
+    torch.manual_seed(0)
+    model = prepare_model(build_model("lenet", digits.shape, 10), CPU, channels_last=True)
+    loss, dtypes = train_recording_dtypes(model, nn.Conv2d, shard_of(digits, 96), local_cfg("calfat", 1, "bf16", 2))
+    return model, loss, dtypes
+
+
+def test_bf16_training_runs_its_forwards_in_bf16_and_keeps_float32_parameters(bf16_model):
+    model, loss, conv_dtypes = bf16_model
+    assert conv_dtypes == {torch.bfloat16}  # attack steps, natural logits and update all under autocast
+    assert np.isfinite(loss) and is_channels_last(model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())
+
+
+def test_bf16_adversarial_training_learns(digits):
+    torch.manual_seed(0)
+    model = build_model("mlp", digits.shape, 10)
+    loss, dtypes = train_recording_dtypes(model, nn.Linear, shard_of(digits), local_cfg("calfat", 2, "bf16", 2))
+    assert dtypes == {torch.bfloat16} and np.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        accuracy = (model.eval()(to_float(digits.x_test)).argmax(1) == digits.y_test).float().mean().item()
+    assert accuracy > 0.6  # chance is 0.1
+
+
+def test_a_model_trained_in_bf16_evaluates_in_fp32(digits, bf16_model):
+    model, _, _ = bf16_model
+    seen, hooks = output_dtypes(model)
+    x_test, y_test = digits.x_test[:128], digits.y_test[:128]
+    n, natural, robust = count_correct(model, x_test, y_test, epsilon=EPS, step_size=STEP, steps=3,
+                                       batch_size=64, seed=0, round_=1).tolist()
+    for h in hooks:
+        h.remove()
+    assert seen and set(seen) == {torch.float32}
+    with torch.no_grad():
+        expected = (model(to_float(x_test)).argmax(1) == y_test).sum().item()
+    assert (n, natural) == (128, expected) and robust <= natural
+
+
+def test_bf16_adversarial_examples_are_float32_inside_the_eps_ball_and_pixel_range(digits, bf16_model):
+    model, _, _ = bf16_model
+    forward = Forward.for_model(model, "bf16", CPU)
+    x, y = to_float(digits.x_test[:64]), digits.y_test[:64]
+    logits = forward(model, x)
+    assert logits.dtype == torch.float32
+    probs = F.softmax(logits, 1).detach()
+    g = torch.Generator().manual_seed(0)
+    for x_adv in (pgd_ce(forward.of(model), x, y, EPS, STEP, 4, g),
+                  kl_attack(forward.of(model), x, probs, EPS, STEP, 4, g, start="uniform"),
+                  kl_attack(forward.of(model), x, probs, 0.3, 0.2, 3, g)):
+        assert x_adv.dtype == torch.float32
+        assert (x_adv - x).abs().max() <= 0.3 + 1e-6
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+    # and the attack is still an attack: it moves the examples and lowers the accuracy
+    x_adv = pgd_ce(forward.of(model), x, y, EPS, STEP, 5, g)
+    with torch.no_grad():
+        assert (model(x_adv).argmax(1) == y).sum() < (model(x).argmax(1) == y).sum()
+    assert 0.05 < (x_adv - x).abs().max() <= EPS + 1e-6
+
+
+def test_channels_last_changes_the_layout_not_the_model(digits):
+    torch.manual_seed(0)
+    plain = build_model("lenet", digits.shape, 10)
+    fast = prepare_model(build_model("lenet", digits.shape, 10), CPU, channels_last=True)
+    fast.load_state_dict(plain.state_dict())
+    assert is_channels_last(fast) and not is_channels_last(plain)  # LeNet's first conv has one input channel
+    assert not is_channels_last(prepare_model(build_model("lenet", digits.shape, 10), CPU))  # CPU default: NCHW
+    assert not is_channels_last(prepare_model(build_model("mlp", digits.shape, 10), CPU, channels_last=True))
+    x = to_float(digits.x_test[:64])
+    outputs = []
+    for model in (plain, fast):
+        x_in = x.clone().requires_grad_(True)
+        logits = Forward.for_model(model, "fp32", CPU)(model, x_in)
+        (grad,) = torch.autograd.grad(logits.logsumexp(1).sum(), x_in)
+        outputs.append((logits.detach(), grad))
+    assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-5)
+    assert torch.allclose(outputs[0][1], outputs[1][1], atol=1e-5)
+    train_client(fast, shard_of(digits, 64), local_cfg("pgd", 1, "fp32", steps=1), generator_for(0, 1, 0), CPU)
+    assert is_channels_last(fast)  # load_state_dict and SGD keep the layout
+
+
+def test_the_loss_is_read_once_per_client_round_not_per_batch(digits, monkeypatch):
+    calls = []
+    item = torch.Tensor.item
+
+    def counting_item(self):
+        calls.append(self.shape)
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    torch.manual_seed(0)
+    model = build_model("mlp", digits.shape, 10)
+    shard = shard_of(digits, 320)  # 10 batches of 32, two epochs
+    loss = train_client(model, shard, local_cfg("trades", 2, "fp32", steps=1), generator_for(0, 1, 0), CPU)
+    assert len(calls) == 1 and np.isfinite(loss)
+
+
+def test_a_shard_moved_to_the_device_trains_exactly_like_one_left_on_the_host(digits):
+    shard = shard_of(digits, 200)
+    moved = shard.to(CPU)
+    assert moved.x.dtype == torch.uint8 and moved.client_id == shard.client_id and len(moved) == 200
+    models = []
+    for s in (shard, moved):
+        torch.manual_seed(0)
+        models.append(build_model("mlp", digits.shape, 10))
+        train_client(models[-1], s, local_cfg("calfat", 1, "fp32", steps=2), generator_for(0, 1, 0), CPU)
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_precision_auto_is_fp32_on_cpu_and_bf16_on_a_bf16_gpu(monkeypatch):
+    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("bf16", CPU) == "bf16" and resolve_precision("fp32", CPU) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp32"  # pre-Ampere GPUs
+    assert resolve_precision("fp32", torch.device("cuda", 0)) == "fp32"
+    with pytest.raises(ValueError):
+        Forward.for_model(nn.Linear(2, 2), "auto", CPU)
+
+
+def test_precision_and_deterministic_flags():
+    assert parse_config([]).precision == "auto" and parse_config([]).deterministic is False
+    cfg = parse_config(["--precision", "bf16", "--deterministic"])
+    assert cfg.precision == "bf16" and cfg.deterministic is True
+    with pytest.raises(ConfigError, match="--precision 'fp16' is not one of auto, fp32, bf16"):
+        parse_config(["--precision", "fp16"])
+
+
+def test_deterministic_sets_the_kernels_and_the_workers_cublas_workspace(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert worker_runtime_env(False) == {}  # no runtime_env: Ray reuses its idle worker processes
+    assert worker_runtime_env(True) == {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}}
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own choice wins
+    assert worker_runtime_env(True) == {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}}
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        configure_backends(CPU, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def test_an_npz_with_the_cifar10_preset_is_augmented(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), y_train=np.arange(8) % 2,
+             x_test=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), y_test=np.arange(4) % 2)
+    assert load_dataset(RunConfig(dataset="npz", data_file=str(path), preset="cifar10")).augment
+    assert not load_dataset(RunConfig(dataset="npz", data_file=str(path), preset="mnist")).augment
+    assert not load_dataset(RunConfig(dataset="npz", data_file=str(path))).augment
