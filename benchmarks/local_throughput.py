@@ -1,13 +1,17 @@
 """Local FAT throughput: our client step vs a faithful re-implementation of the article's.
 
-    python benchmarks/local_throughput.py [--images 1024] [--steps 40]
+    python benchmarks/local_throughput.py [--images 1024] [--steps 40] [--bf16-images 256]
 
 Same model (the article's LeNet), data (real MNIST when ../shared has it, else digits),
 batch size, attack steps, CalFAT loss and thread count (1). The article's recipe: a
 DataLoader over a Dataset of single PIL images turned into tensors one by one, and a KL
 attack that recomputes the natural logits at every step, with trainable weights. Ours:
 uint8 tensors sliced per batch, natural logits once per batch, weights frozen while
-attacking. Prints adversarial examples per second for both, interleaved, and the ratio last.
+attacking, in fp32 (NCHW, what --precision auto gives on a CPU), fp32 channels_last, and
+bf16 autocast + channels_last (--precision bf16). Prints adversarial examples per second
+for each, interleaved, a per-op profile of one attack step in fp32 and bf16, and the ratio
+last. bf16 runs on fewer images (--bf16-images): on a CPU without AVX512-BF16/AMX it is
+slow, and examples per second do not depend on how many images are timed.
 """
 import argparse
 import os
@@ -26,6 +30,7 @@ from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client  # n
 from ray_fedat.federation import generator_for  # noqa: E402
 from ray_fedat.losses import calibrate  # noqa: E402
 from ray_fedat.models import build_model  # noqa: E402
+from ray_fedat.precision import Forward, prepare_model  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import MNIST_DIR  # noqa: E402
@@ -74,13 +79,23 @@ def article_epoch(model, images, labels, counts, args) -> float:
     return time.perf_counter() - started
 
 
-def our_epoch(model, images, labels, counts, args) -> float:
+def our_epoch(model, images, labels, counts, args, precision="fp32", channels_last=False) -> float:
+    model = prepare_model(model, torch.device("cpu"), precision, channels_last)
     shard = ClientShard(0, torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), counts)
     cfg = LocalTrainingConfig("calfat", 1, args.batch_size, 0.01, 0.9, 2e-4, args.epsilon, args.step_size, args.steps,
-                              6.0, 0.1, False)
+                              6.0, 0.1, False, precision=precision)
     started = time.perf_counter()
     train_client(model, shard, cfg, generator_for(0, 1, 0), torch.device("cpu"))
     return time.perf_counter() - started
+
+
+# (row name, epoch function, precision, channels_last)
+ROWS = [
+    ("article", article_epoch, None, None),
+    ("ours fp32", our_epoch, "fp32", False),
+    ("ours fp32 channels_last", our_epoch, "fp32", True),
+    ("ours bf16 channels_last", our_epoch, "bf16", True),
+]
 
 
 def breakdown(images, counts, args, repeats=20):
@@ -105,6 +120,31 @@ def breakdown(images, counts, args, repeats=20):
           f"article step (2 forwards + backward) / ours (forward + backward) = {(2 * f + b) / (f + b):.2f}x")
 
 
+def profile_step(images, counts, args, precision, channels_last, repeats=3, top=6):
+    """The ops that dominate one attack step (forward + backward to the input), by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = prepare_model(build_model("lenet", (1, *images.shape[1:]), 10), torch.device("cpu"), precision,
+                          channels_last).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    forward = Forward.for_model(model, precision, torch.device("cpu"))
+    x = torch.from_numpy(images[: args.batch_size]).unsqueeze(1).float() / 255
+
+    def step():
+        x_adv = x.clone().requires_grad_(True)
+        torch.autograd.grad(calibrate(forward(model, x_adv), counts).sum(), x_adv)
+
+    step()  # warm-up: oneDNN primitive creation
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) / repeats / 1e3
+    ops = ", ".join(f"{e.key} {e.self_cpu_time_total / repeats / 1e3:.1f}" for e in events[:top])
+    print(f"  {precision}{' channels_last' if channels_last else ''}: {total:.1f} ms per step; top ops (ms): {ops}")
+
+
 def load_images(n):
     images_path = os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz")
     if os.path.exists(images_path):
@@ -127,24 +167,37 @@ def main():
     parser.add_argument("--epsilon", type=float, default=0.3)
     parser.add_argument("--step-size", type=float, default=0.01)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--bf16-images", type=int, default=256, help="images for the bf16 row")
+    parser.add_argument("--bf16-repeats", type=int, default=1, help="repeats of the bf16 row")
     args = parser.parse_args()
     torch.set_num_threads(1)
     images, labels, source = load_images(args.images)
     counts = torch.bincount(torch.from_numpy(labels), minlength=10).float()
-    print(f"data: {source}, {len(labels)} images, batch {args.batch_size}, {args.steps} attack steps, "
-          f"eps {args.epsilon}, model lenet, 1 thread")
-    best = {"article": float("inf"), "ours": float("inf")}
-    for rep in range(args.repeats):  # interleaved, so drift on a shared machine hits both
-        for name, epoch in (("article", article_epoch), ("ours", our_epoch)):
+    print(f"data: {source}, {len(labels)} images ({min(args.bf16_images, len(labels))} for bf16), batch "
+          f"{args.batch_size}, {args.steps} attack steps, eps {args.epsilon}, model lenet, 1 thread; "
+          f"oneDNN bf16 kernels on this CPU: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+    rate = {name: 0.0 for name, *_ in ROWS}
+    for rep in range(args.repeats):  # interleaved, so drift on a shared machine hits all rows
+        for name, epoch, precision, channels_last in ROWS:
+            if precision == "bf16" and rep >= args.bf16_repeats:
+                continue
+            n = min(args.bf16_images, len(labels)) if precision == "bf16" else len(labels)
             torch.manual_seed(rep)
             model = build_model("lenet", (1, *images.shape[1:]), 10)
-            seconds = epoch(model, images, labels, counts, args)
-            best[name] = min(best[name], seconds)
-            print(f"  repeat {rep + 1}: {name:<7} {len(labels) / seconds:7.1f} adversarial examples/s")
+            extra = () if precision is None else (precision, channels_last)
+            seconds = epoch(model, images[:n], labels[:n], counts, args, *extra)
+            rate[name] = max(rate[name], n / seconds)
+            print(f"  repeat {rep + 1}: {name:<24} {n / seconds:7.1f} adversarial examples/s", flush=True)
     breakdown(images, counts, args)
-    article, ours = len(labels) / best["article"], len(labels) / best["ours"]
-    print(f"article recipe: {article:.1f} ex/s   ours: {ours:.1f} ex/s   (best of {args.repeats})")
-    print(f"throughput ratio ours / article: {ours / article:.2f}x")
+    print("profile of one attack step (forward + backward to the input), self CPU time:")
+    for _, _, precision, channels_last in ROWS[1:]:
+        profile_step(images, counts, args, precision, channels_last)
+    print(f"adversarial examples/s (best of {args.repeats}; bf16 best of {min(args.bf16_repeats, args.repeats)}):")
+    for name, *_ in ROWS:
+        print(f"  {name:<24} {rate[name]:7.1f}   {rate[name] / rate['article']:.2f}x the article recipe")
+    best_ours = max((name for name, *_ in ROWS[1:]), key=rate.get)
+    print(f"throughput ratio ours ({best_ours}) / article: {rate[best_ours] / rate['article']:.2f}x; "
+          f"bf16 / fp32: {rate['ours bf16 channels_last'] / rate['ours fp32']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
     except RuntimeError as e:
         raise ConfigError(f"{args.checkpoint}: weights do not fit model {cfg.model} on {cfg.dataset} "
                           f"({str(e).splitlines()[0]})") from None
-    prepare_model(model, device).eval()  # the layout training evaluated with (channels_last for conv models)
+    prepare_model(model, device).eval()  # the layout the workers evaluate with (channels_last on CUDA)
     x, y = data.x_test, data.y_test
     if args.samples:
         x, y = x[: args.samples], y[: args.samples]

@@ -141,6 +141,7 @@ def train_loop_per_worker(payload: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    loop_started_at = time.time()  # start-up breakdown (benchmarks/startup.py): worker group vs data
     cfg = RunConfig.from_dict(payload["cfg"])
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
@@ -160,9 +161,10 @@ def train_loop_per_worker(payload: dict) -> None:
     # Once, to the device: batches are then indexed and converted there (no per-batch copies).
     shards = {cid: shard.to(device) for cid, shard in shards.items()}
     x_test, y_test = x_test.to(device), y_test.to(device)
+    data_ready_at = time.time()
 
     torch.manual_seed(cfg.seed)  # same initial global model on every rank
-    model = prepare_model(build_model(cfg.model, payload["shape"], payload["num_classes"]), device)
+    model = prepare_model(build_model(cfg.model, payload["shape"], payload["num_classes"]), device, precision)
     check_device(model, device, payload["use_gpu"])
     writer_rank = agree_on_storage_rank(payload["storage"], cfg.storage_path, device)
     first_round, best = restore_state(model, writer_rank, device)
@@ -171,7 +173,8 @@ def train_loop_per_worker(payload: dict) -> None:
     local_cfg = LocalTrainingConfig(cfg.method, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
                                     cfg.weight_decay, cfg.epsilon, cfg.step_size, cfg.attack_steps,
                                     cfg.trades_beta, cfg.calfat_tau, payload["augment"], cfg.attack_start, precision)
-    identity = {**worker_identity(device), "writes_checkpoints": rank == writer_rank, "precision": precision}
+    identity = {**worker_identity(device), "writes_checkpoints": rank == writer_rank, "precision": precision,
+                "loop_started_at": loop_started_at, "data_ready_at": data_ready_at}
     planner = RoundPlanner(cfg, payload.get("deadline"), device)
 
     def evaluate(round_: int) -> dict:

@@ -56,7 +56,7 @@ def bf16_model(digits):
     """A LeNet (channels_last) after a short CalFAT round in bf16. bf16 is emulated on CPUs
     without AVX512-BF16/AMX, and slow: the LeNet checks use little data."""
     torch.manual_seed(0)
-    model = prepare_model(build_model("lenet", digits.shape, 10), CPU, channels_last=True)
+    model = prepare_model(build_model("lenet", digits.shape, 10), CPU, "bf16")
     loss, dtypes = train_recording_dtypes(model, nn.Conv2d, shard_of(digits, 96), local_cfg("calfat", 1, "bf16", 2))
     return model, loss, dtypes
 

@@ -1,0 +1,44 @@
+"""The CIFAR-10 path end to end on a local Ray: 3-channel 32x32 images, ResNet-18, crop-and-flip
+augmentation, CIFAR-10's defaults (--preset cifar10), in fp32 and in bf16. Tiny data (one batch
+of 4), one round: bf16 ResNet-18 is emulated, and ~20x slower than fp32, on CPUs without
+AVX512-BF16/AMX such as the project's."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ray_fedat.config import parse_config
+from ray_fedat.train import run
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cifar_like_npz(tmp_path_factory):
+    """Random CIFAR-shaped images (N x 32 x 32 x 3 uint8, 10 classes), torchvision's layout."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("cifar") / "cifar_like.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), y_train=np.arange(4),
+             x_test=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), y_test=np.arange(4))
+    return str(path)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cifar10_preset_resnet18_with_augmentation_runs_end_to_end(tmp_path, ray_session, cifar_like_npz, precision):
+    cfg = parse_config(["--dataset", "npz", "--data-file", cifar_like_npz, "--preset", "cifar10", "--workers", "1",
+                        "--rounds", "1", "--batch-size", "4", "--attack-steps", "1", "--eval-steps", "1",
+                        "--precision", precision, "--storage-path", str(tmp_path), "--name", precision])
+    assert (cfg.model, cfg.epsilon) == ("resnet18", pytest.approx(8 / 255))
+    summary = run(cfg)
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 1
+    assert summary["workers"][0]["precision"] == precision and summary["workers"][0]["device"] == "cpu"
+    run_dir = os.path.join(str(tmp_path), precision)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        record = json.loads(f.readline())
+    assert record["eval_images"] == 4 and np.isfinite(record["train_loss"])
+    assert 0 <= record["robust_acc"] <= record["natural_acc"] <= 1
+    state = torch.load(os.path.join(run_dir, "final_model.pt"), weights_only=True)
+    assert state["conv1.weight"].shape == (64, 3, 3, 3) and "layer4.1.bn2.running_var" in state  # CIFAR ResNet-18
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
