@@ -65,9 +65,8 @@ def one_run(args, out: str, name: str) -> dict:
         summary = json.load(f)
     with open(os.path.join(out, name, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    workers = summary["workers"]
-    loop_start = max(w["loop_started_at"] for w in workers)
-    data_ready = max(w["data_ready_at"] for w in workers)
+    rank0 = summary["workers"][0]  # the metrics' round times are rank 0's too
+    loop_start, data_ready = rank0["loop_started_at"], rank0["data_ready_at"]
     first_round, last_round_end = records[0]["started_at"], records[-1]["ended_at"]
     phases = [
         ("python + imports (torch, ray, ray_fedat)", m["exec"] - launched + m["imported"] - m["exec"]),

@@ -102,13 +102,27 @@ def load_npz(path: str) -> ImageData:
     return from_arrays(*arrays, source=path)
 
 
+def _digits_arrays():
+    """(images N x 8 x 8 in 0..16, labels) of scikit-learn's bundled digits. Read straight from
+    the file scikit-learn ships: importing sklearn (and scipy) costs seconds of start-up."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else ""
+    if not os.path.isfile(path):  # an unusual install: let scikit-learn find it
+        from sklearn.datasets import load_digits as sk_load_digits
+
+        bunch = sk_load_digits()
+        return bunch.images, bunch.target
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+
+
 def load_digits() -> ImageData:
     """scikit-learn's bundled 8x8 digits (1797 images, no download); fixed 80/20 split."""
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    bunch = sk_load_digits()
-    images = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
-    labels = bunch.target.astype(np.int64)
+    raw_images, raw_labels = _digits_arrays()
+    images = np.rint(raw_images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+    labels = np.asarray(raw_labels).astype(np.int64)
     order = np.random.RandomState(0).permutation(len(labels))  # fixed: the split never moves
     n_test = len(labels) // 5
     test, train = order[:n_test], order[n_test:]
