@@ -99,11 +99,10 @@ def configure_backends(device: torch.device, deterministic: bool) -> None:
         torch.backends.cudnn.deterministic = deterministic
 
 
-def worker_runtime_env(deterministic: bool) -> dict:
-    """The Ray Train workers' runtime_env: with --deterministic, CUBLAS_WORKSPACE_CONFIG must
-    be in the worker's environment before CUDA starts. Empty otherwise: a runtime_env that
-    differs from the job's makes Ray start fresh worker processes instead of reusing idle ones."""
+def deterministic_env_vars(deterministic: bool) -> dict:
+    """Environment variables the Ray Train workers need for --deterministic: cuBLAS reads
+    CUBLAS_WORKSPACE_CONFIG when CUDA starts, so it must come through the workers'
+    runtime_env, not from the training loop. The user's own value wins."""
     if not deterministic:
         return {}
-    return {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG",
-                                                                   CUBLAS_DETERMINISTIC_WORKSPACE)}}
+    return {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)}

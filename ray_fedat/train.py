@@ -314,8 +314,8 @@ def run(cfg: RunConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .precision import deterministic_env_vars
     from .recorder import RunRecorder, draw_curves, read_metrics
-    from .precision import worker_runtime_env
     from .worker import train_loop_per_worker
 
     where, owns_ray = connect_ray(cfg)
@@ -340,11 +340,11 @@ def run(cfg: RunConfig) -> dict:
                                                    resources_per_worker={"CPU": cfg.cpus_per_worker},
                                                    placement_strategy=strategy, label_selector=selectors),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=cfg.storage_path, worker_runtime_env={"env_vars": worker_env(cfg)},
+                name=name, storage_path=cfg.storage_path,
+                worker_runtime_env={"env_vars": {**worker_env(cfg), **deterministic_env_vars(cfg.deterministic)}},
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                callbacks=[RunRecorder(run_dir, title)],
-                worker_runtime_env=worker_runtime_env(cfg.deterministic)),  # CUBLAS_WORKSPACE_CONFIG
+                callbacks=[RunRecorder(run_dir, title)]),
         )
         write_summary(run_dir, cfg, counts, placement, status="running", storage=storage_note)
         started = time.time()

@@ -13,8 +13,8 @@ from ray_fedat.data import load_dataset, load_digits, to_float
 from ray_fedat.evaluation import count_correct
 from ray_fedat.federation import generator_for
 from ray_fedat.models import build_model
-from ray_fedat.precision import (Forward, configure_backends, is_channels_last, prepare_model, resolve_precision,
-                                 worker_runtime_env)
+from ray_fedat.precision import (Forward, configure_backends, deterministic_env_vars, is_channels_last, prepare_model,
+                                 resolve_precision)
 
 EPS, STEP = 0.1, 0.025
 CPU = torch.device("cpu")
@@ -187,10 +187,10 @@ def test_precision_and_deterministic_flags():
 
 def test_deterministic_sets_the_kernels_and_the_workers_cublas_workspace(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    assert worker_runtime_env(False) == {}  # no runtime_env: Ray reuses its idle worker processes
-    assert worker_runtime_env(True) == {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}}
+    assert deterministic_env_vars(False) == {}
+    assert deterministic_env_vars(True) == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own choice wins
-    assert worker_runtime_env(True) == {"env_vars": {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}}
+    assert deterministic_env_vars(True) == {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
     was = torch.are_deterministic_algorithms_enabled()
     try:
         configure_backends(CPU, deterministic=True)
