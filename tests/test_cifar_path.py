@@ -25,12 +25,14 @@ def cifar_like_npz(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cifar10_preset_resnet18_with_augmentation_runs_end_to_end(tmp_path, ray_session, cifar_like_npz, precision):
+@pytest.mark.parametrize("precision,extra", [("fp32", ["--deterministic"]), ("bf16", [])])
+def test_cifar10_preset_resnet18_with_augmentation_runs_end_to_end(tmp_path, ray_session, cifar_like_npz, precision,
+                                                                   extra):
     cfg = parse_config(["--dataset", "npz", "--data-file", cifar_like_npz, "--preset", "cifar10", "--workers", "1",
                         "--rounds", "1", "--batch-size", "4", "--attack-steps", "1", "--eval-steps", "1",
-                        "--precision", precision, "--storage-path", str(tmp_path), "--name", precision])
+                        "--precision", precision, "--storage-path", str(tmp_path), "--name", precision, *extra])
     assert (cfg.model, cfg.epsilon) == ("resnet18", pytest.approx(8 / 255))
+    assert cfg.deterministic == ("--deterministic" in extra)  # its workers get CUBLAS_WORKSPACE_CONFIG
     summary = run(cfg)
     assert summary["status"] == "finished" and summary["rounds_completed"] == 1
     assert summary["workers"][0]["precision"] == precision and summary["workers"][0]["device"] == "cpu"
