@@ -11,7 +11,10 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MNIST_DIR = os.path.join(REPO, "..", "shared", "data", "mnist-t10k")
+# ../shared next to the checkout; a git worktree one level deeper (e.g. /work/wt/NAME) finds it two up.
+MNIST_DIR = next((d for d in (os.path.join(REPO, "..", "shared", "data", "mnist-t10k"),
+                              os.path.join(REPO, "..", "..", "shared", "data", "mnist-t10k")) if os.path.isdir(d)),
+                 os.path.join(REPO, "..", "shared", "data", "mnist-t10k"))
 
 
 def mnist_8k_2k_npz(path: str, mnist_dir: str = MNIST_DIR) -> str:
