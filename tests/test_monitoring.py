@@ -48,6 +48,13 @@ def test_submission_id_comes_from_the_job_config_ray_hands_the_entrypoint(monkey
     assert submission_id() == expected
 
 
+def test_the_dashboard_stays_on_this_machine_unless_asked():
+    from ray_fedat.config import parse_config
+
+    assert parse_config(["--dataset", "digits"]).dashboard_host == "127.0.0.1"
+    assert parse_config(["--dataset", "digits", "--dashboard-host", "0.0.0.0"]).dashboard_host == "0.0.0.0"
+
+
 class Console:
     """The CLI's stdout, read in a thread so that the test can wait for lines."""
 
