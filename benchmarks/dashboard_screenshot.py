@@ -11,7 +11,7 @@ would set it) and saves:
     <out>/dashboard.png             the Jobs page: the run's job, named after the run
     <out>/dashboard-actors.png      the Actors page: Ray Train's controller and the two workers
     <out>/dashboard-worker-log.png  the rank-0 RayTrainWorker's page: its per-round log lines
-    <out>/dashboard-page-*.png      with --all-pages: Overview, Cluster, Metrics, #/train, the job's page
+    <out>/dashboard-page-*.png      with --all-pages: Overview, Cluster, Metrics, #/train, Logs, the job's page
 
 Two local Rays on one machine share the dashboard agent's default port 52365: the second
 one's agent runs without its HTTP service and its dashboard cannot load logs ("Failed to
@@ -178,12 +178,11 @@ async def take_screenshots(chromium: Chromium, dashboard: str, token: str, run: 
                             wait_for_text="RayTrainWorker")
         # The actor's page opens its STDERR tab (Ray Train's own messages); our lines are on STDOUT.
         show_stdout = ("[...document.querySelectorAll('button,[role=tab]')].find(e => e.innerText.trim() === 'STDOUT')"
-                       ".click(); [...document.querySelectorAll('h1,h2,h3,h4,h5,h6,p,span,div')]"
-                       ".find(e => e.innerText.trim() === 'Logs').scrollIntoView()")
+                       ".click()")
         await chromium.shot(f"{dashboard}/#/actors/{rank0['actor_id']}", os.path.join(out, "dashboard-worker-log.png"),
-                            3, wait_for_text="RayTrainWorker", then=show_stdout, then_text="[rank 0 @")
+                            3, wait_for_text="RayTrainWorker", then=show_stdout, then_text="[rank 0 @", full_height=1300)
         if all_pages:  # the other pages, to check what the README says about them
-            pages = (("overview", "Cluster"), ("cluster", "Node"), ("metrics", "Metrics"), ("train", ""),
+            pages = (("overview", "Cluster"), ("cluster", "Node"), ("metrics", "Metrics"), ("train", ""), ("logs", "Node"),
                      (f"jobs/{run['job_id']}", "RUNNING"))
             for page, text in pages:
                 await chromium.shot(f"{dashboard}/#/{page}", os.path.join(out, f"dashboard-page-{page.split('/')[0]}.png"), 5,
@@ -223,7 +222,7 @@ def main() -> None:
     p.add_argument("--size", default="1400x900", help="browser window WIDTHxHEIGHT")
     p.add_argument("--wait-s", type=float, default=600, help="how long to wait for another Ray to free port 52365")
     p.add_argument("--all-pages", action="store_true",
-                   help="also save the Overview, Cluster, Metrics and #/train pages (dashboard-page-*.png)")
+                   help="also save the Overview, Cluster, Metrics, #/train, Logs and job pages (dashboard-page-*.png)")
     args = p.parse_args()
     if not args.chromium:
         raise SystemExit("dashboard_screenshot: no Chromium found (apt-get install chromium, or --chromium PATH)")
