@@ -74,10 +74,11 @@ def token_hint() -> Optional[str]:
             return None
     except ImportError:  # a Ray without token authentication
         return None
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return "the value of $RAY_AUTH_TOKEN"
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
-    return f"`ray get-auth-token` prints it (from {path})"
+    from .auth import TOKEN_ENV, TOKEN_PATH_ENV, default_token_path
+
+    if os.environ.get(TOKEN_ENV):  # Ray's own order: the variable, then the file
+        return f"the value of ${TOKEN_ENV}"
+    return f"`ray get-auth-token` prints it (from {os.environ.get(TOKEN_PATH_ENV) or default_token_path()})"
 
 
 def dashboard_url() -> Optional[str]:
