@@ -26,7 +26,10 @@ load_settings() {
     fi
     # NCCL (GPU) and gloo (CPU) pick their own interface unless told: tell them, per node.
     export NCCL_SOCKET_IFNAME="$NET_IFACE" GLOO_SOCKET_IFNAME="$NET_IFACE"
+    # Jobs and drivers started through this node inherit it: Ray Train's state API sees their runs.
+    export RAY_TRAIN_ENABLE_STATE_TRACKING
     RESOURCE_FLAGS=()
+    [ -n "${METRICS_EXPORT_PORT:-}" ] && RESOURCE_FLAGS+=(--metrics-export-port "$METRICS_EXPORT_PORT")
     [ -n "$NUM_GPUS" ] && RESOURCE_FLAGS+=(--num-gpus "$NUM_GPUS")
     [ -n "$NUM_CPUS" ] && RESOURCE_FLAGS+=(--num-cpus "$NUM_CPUS")
     return 0

@@ -26,6 +26,9 @@ else
         --temp-dir "$RAY_TEMP_DIR" --disable-usage-stats "${RESOURCE_FLAGS[@]}" ${RAY_HEAD_EXTRA_ARGS:-} >/dev/null \
         || die "ray start --head failed; see $RAY_TEMP_DIR/session_latest/logs"
     say "Ray head running at $NODE_IP:$HEAD_PORT (interface $NET_IFACE, dashboard http://$NODE_IP:$DASHBOARD_PORT)"
+    if [ -n "${METRICS_EXPORT_PORT:-}" ]; then
+        say "Prometheus metrics at http://$NODE_IP:$METRICS_EXPORT_PORT/metrics"
+    fi
 fi
 
 cat <<NEXT
@@ -46,5 +49,8 @@ cat <<NEXT
        RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH python -m ray_fedat.train --address $NODE_IP:$HEAD_PORT --workers <nodes> ...
      or submit a job from any machine holding the token:
        RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH ray job submit --address http://$NODE_IP:$DASHBOARD_PORT --working-dir . -- python -m ray_fedat.train --workers <nodes> ...
-  Watch it at http://$NODE_IP:$DASHBOARD_PORT (Train view, logs, metrics).
+  Watch it at http://$NODE_IP:$DASHBOARD_PORT (Jobs: the job and its driver log; Logs: one line
+  per round from each worker)$(if [ "$AUTH" = "token" ]; then echo "; it asks for the token in $RAY_AUTH_TOKEN_PATH"; fi).
+  Prometheus: scrape every node listed in $RAY_TEMP_DIR/prom_metrics_service_discovery.json
+  (or run \`ray metrics launch-prometheus\` here); Grafana: import cluster/grafana-ray-fedat.json.
 NEXT

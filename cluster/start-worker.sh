@@ -19,3 +19,6 @@ fi
     --disable-usage-stats "${RESOURCE_FLAGS[@]}" >/dev/null \
     || die "could not join the cluster at $HEAD_ADDR (is the head running, reachable from $NODE_IP, and is the token the head's?)"
 say "joined the cluster at $HEAD_ADDR as $NODE_IP (interface $NET_IFACE)"
+if [ -n "${METRICS_EXPORT_PORT:-}" ]; then
+    say "Prometheus metrics of this node at http://$NODE_IP:$METRICS_EXPORT_PORT/metrics"
+fi

@@ -142,6 +142,7 @@ class RunConfig:
     config: Optional[str] = None
     print_config: bool = False
     dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
     dry_run: bool = False
     verbose: bool = False
 
@@ -399,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     g.add_argument("--dashboard", action="store_true",
                    help="also start the Ray dashboard with the local Ray (a cluster's head runs its own)")
+    g.add_argument("--dashboard-host", default=d.dashboard_host,
+                   help="address the local Ray's dashboard listens on (default 127.0.0.1: this machine only)")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and partition table, then exit")
     g.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console")
     return p
@@ -406,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What a resumed run may change: how long and where it runs, not what it learns.
 RESUMABLE = ("rounds", "workers", "worker_nodes", "cpus_per_worker", "device", "address", "max_failures", "eval_every",
-             "checkpoint_every", "keep_checkpoints", "dashboard", "verbose", "print_config")
+             "checkpoint_every", "keep_checkpoints", "dashboard", "dashboard_host", "verbose", "print_config")
 
 
 def explicit_flags(argv: Optional[Sequence[str]]) -> dict:

@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional
 
 from ray.train.v2.api.callback import UserCallback
 
+from .monitoring import GAUGES, RUN_LABEL, gauge_name
+
 METRICS_FILE = "metrics.jsonl"
 WORKERS_FILE = "workers.json"
 CURVES_FILE = "curves.png"
@@ -43,8 +45,9 @@ class RunRecorder(UserCallback):
     # most this often, so short rounds do not pay for it (the driver draws the final one).
     CURVES_EVERY_S = 10.0
 
-    def __init__(self, run_dir: str, title: str = ""):
+    def __init__(self, run_dir: str, title: str = "", run_name: Optional[str] = None):
         self.run_dir = run_dir
+        self.run_name = run_name or os.path.basename(run_dir)  # the gauges' run label
         self.title = title
         self._last_drawn = 0.0
         self.records = {r["round"]: r for r in read_metrics(run_dir)}
@@ -83,12 +86,13 @@ class RunRecorder(UserCallback):
         if self._gauges is None:
             from ray.util.metrics import Gauge
 
-            self._gauges = {k: Gauge(f"ray_fedat_{k}", description=f"ray_fedat global model {k}", tag_keys=("run",))
-                            for k in ("natural_acc", "robust_acc", "train_loss", "round")}
-        run = os.path.basename(self.run_dir)
+            # Exported to Prometheus as ray_fedat_<key>: Ray adds the "ray_" itself.
+            self._gauges = {k: Gauge(gauge_name(k), description=f"ray_fedat global model {k}", tag_keys=(RUN_LABEL,))
+                            for k in GAUGES}
+        run = {RUN_LABEL: self.run_name}
         for key, value in {**scalars, "round": record["round"]}.items():
             if key in self._gauges:
-                self._gauges[key].set(float(value), tags={"run": run})
+                self._gauges[key].set(float(value), tags=run)
 
     def _copy_best_models(self, checkpoint, record: Dict[str, Any]) -> None:
         from .checkpoints import MODEL_FILE

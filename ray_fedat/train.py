@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .config import ConfigError, RunConfig, parse_config
+from .monitoring import enable_state_tracking, job_config, submission_id, watch_info, watch_lines
 
 # Ray Train's report() waits for the controller's next poll of the workers, which happens
 # every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): seconds of dead time per round.
@@ -45,7 +46,7 @@ def default_name(cfg: RunConfig) -> str:
     return f"{cfg.dataset}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def connect_ray(cfg: RunConfig) -> tuple:
+def connect_ray(cfg: RunConfig, job_name: Optional[str] = None) -> tuple:
     """(description, whether we started it). Reuse a Ray already initialised in this
     process (notebooks, tests); else join the cluster named by --address or $RAY_ADDRESS;
     else start a private local Ray for this run (address='local' never joins a stale
@@ -54,7 +55,8 @@ def connect_ray(cfg: RunConfig) -> tuple:
 
     if ray.is_initialized():
         return "the Ray already running in this process", False
-    quiet = dict(log_to_driver=cfg.verbose, logging_level=logging.INFO if cfg.verbose else logging.WARNING)
+    quiet = dict(log_to_driver=cfg.verbose, logging_level=logging.INFO if cfg.verbose else logging.WARNING,
+                 job_config=job_config(job_name) if job_name else None)
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         from .auth import check_cluster_access, use_token_if_available
@@ -70,7 +72,8 @@ def connect_ray(cfg: RunConfig) -> tuple:
                  f"`ray start --head` on the head node, or omit --address/RAY_ADDRESS to run on a local Ray")
         return f"cluster at {address}{dashboard_note(info)}", True
     num_cpus = max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker)
-    info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.dashboard, **quiet)
+    info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.dashboard,
+                    dashboard_host=cfg.dashboard_host, **quiet)
     return f"local Ray ({num_cpus} CPUs{dashboard_note(info)})", True
 
 
@@ -240,7 +243,8 @@ def save_final_model(run_dir: str, result, records: List[dict]) -> Optional[str]
 
 def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: str, wall_s: float = 0.0,
                   final_model: Optional[str] = None, error: Optional[str] = None,
-                  launched: Optional[float] = None, storage: Optional[str] = None) -> dict:
+                  launched: Optional[float] = None, storage: Optional[str] = None,
+                  run_name: Optional[str] = None) -> dict:
     """summary.json: written when the run starts (so an interrupted run can be resumed)
     and again when it ends."""
     from .byzantine import byzantine_clients
@@ -271,6 +275,7 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
         "final_model": final_model,
         "wall_s": wall_s,
         "workers": workers,
+        "watch": watch_info(run_name or os.path.basename(run_dir)),
     }
     if cfg.time_budget:
         summary["time_budget"] = {
@@ -299,7 +304,7 @@ def run(cfg: RunConfig) -> dict:
 
     from .storage import default_output_dir
 
-    name = cfg.name or default_name(cfg)
+    name = cfg.name or submission_id() or default_name(cfg)  # a submitted job: its run is named like it
     run_dir = cfg.output_dir or default_output_dir(cfg.storage_path, name)
     if cfg.resume:
         print(f"ray_fedat: resuming {run_dir} up to round {cfg.rounds}")
@@ -307,6 +312,7 @@ def run(cfg: RunConfig) -> dict:
         fail(f"run directory {run_dir} already holds a run; choose another --name, or --resume {run_dir}")
     os.makedirs(run_dir, exist_ok=True)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
+    enable_state_tracking()
     if not cfg.verbose:
         logging.getLogger("ray").setLevel(logging.WARNING)
 
@@ -318,7 +324,7 @@ def run(cfg: RunConfig) -> dict:
     from .recorder import RunRecorder, draw_curves, read_metrics
     from .worker import train_loop_per_worker
 
-    where, owns_ray = connect_ray(cfg)
+    where, owns_ray = connect_ray(cfg, name)
     try:
         use_gpu, strategy, placement = plan_placement(cfg)
         storage, selectors, storage_note = plan_storage_and_nodes(cfg, name, use_gpu)
@@ -327,6 +333,8 @@ def run(cfg: RunConfig) -> dict:
               f"{f'time budget {cfg.time_budget:g} s' if cfg.time_budget else f'{cfg.rounds} rounds'}; {where}, {placement}, "
               f"{'GPU/nccl' if use_gpu else 'CPU/gloo'}")
         print(f"ray_fedat: results in {run_dir}; {storage_note}")
+        for line in watch_lines(name, owns_ray and not (cfg.address or os.environ.get("RAY_ADDRESS"))):
+            print(line)
         title = f"{name}: {cfg.method} on {cfg.dataset}, {cfg.clients} clients ({cfg.partition})"
         payload = build_payload(cfg, data, parts, counts, use_gpu)
         payload["storage"] = storage
@@ -344,9 +352,9 @@ def run(cfg: RunConfig) -> dict:
                 worker_runtime_env={"env_vars": {**worker_env(cfg), **deterministic_env_vars(cfg.deterministic)}},
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                callbacks=[RunRecorder(run_dir, title)]),
+                callbacks=[RunRecorder(run_dir, title, run_name=name)]),
         )
-        write_summary(run_dir, cfg, counts, placement, status="running", storage=storage_note)
+        write_summary(run_dir, cfg, counts, placement, status="running", storage=storage_note, run_name=name)
         started = time.time()
         result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started,
                                                      len(read_metrics(run_dir)))
@@ -360,7 +368,7 @@ def run(cfg: RunConfig) -> dict:
             draw_curves(run_dir, records, title)
         final_model = save_final_model(run_dir, result, records)
         summary = write_summary(run_dir, cfg, counts, placement, status, time.time() - started, final_model, error,
-                                launched=launched, storage=storage_note)
+                                launched=launched, storage=storage_note, run_name=name)
     finally:
         if owns_ray:
             ray.shutdown()

@@ -35,6 +35,7 @@ from .config import RunConfig
 from .evaluation import evaluate_distributed
 from .federation import ClientUpdates, assign_clients, generator_for, sample_clients
 from .models import build_model
+from .monitoring import worker_round_line
 from .precision import configure_backends, prepare_model, resolve_precision
 from .schedule import epsilon_at, eval_interval, lr_at, plan_rounds
 from .storage import RankStorage, sees_marker, storage_rank
@@ -251,6 +252,8 @@ def train_loop_per_worker(payload: dict) -> None:
         wants_checkpoint = (round_ % cfg.checkpoint_every == 0 or closing
                             or new_best["natural"] or new_best["robust"])
         metrics = {**record, "worker": identity}
+        # The dashboard's Logs page shows each worker's stdout: one readable line per round.
+        print(worker_round_line(rank, identity["node_ip"], record, planner.known), flush=True)
         t_report = time.perf_counter()
         if rank == writer_rank and wants_checkpoint:
             with tempfile.TemporaryDirectory() as d:

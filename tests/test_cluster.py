@@ -171,6 +171,7 @@ def cluster(tmp_path_factory):
         started = c.start_head()
         assert started.returncode == 0, started.stderr
         assert f"Ray head running at {c.ips['head']}:6379" in started.stdout and "start-worker.sh" in started.stdout
+        assert f"Prometheus metrics at http://{c.ips['head']}:8080/metrics" in started.stdout
         token = c.homes["head"] / ".ray" / "auth_token"
         assert token.stat().st_mode & 0o077 == 0  # generated, and private
         again = c.start_head()
@@ -224,6 +225,17 @@ def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_stranger
     job_summary = json.loads((c.storage / "job" / "summary.json").read_text())
     assert sorted(w["node_ip"] for w in job_summary["workers"]) == [c.ips["head"], c.ips["worker"]]
     assert job_summary["status"] == "finished"
+    # `ray job submit` tails the job's driver log: the same console lines as the CLI's.
+    assert "round   1/1  nat" in job.stdout and "ray_fedat: done, 1 rounds" in job.stdout
+    # State tracking is on (the CLI sets it; the scripts, for every job): the Train API keeps both runs.
+    runs_probe = ("import json, os, urllib.request\n"
+                  "token = open(os.path.expanduser('~/.ray/auth_token')).read().strip()\n"
+                  "r = urllib.request.Request('http://%s:8265/api/train/v2/runs/v1', "
+                  "headers={'Authorization': 'Bearer ' + token})\n"
+                  "print(json.dumps({x['name']: x['status'] for x in json.load(urllib.request.urlopen(r, timeout=30))"
+                  "['train_runs']}))\n") % c.ips["head"]
+    runs = c.on("head", sys.executable, "-c", runs_probe, timeout=60)
+    assert {"readme": "FINISHED", "job": "FINISHED"}.items() <= json.loads(runs.stdout).items(), runs.stderr
 
 
 def kill_worker_after_round(proc, run_dir, after_round, node_ip=None):
