@@ -37,7 +37,8 @@ def exported_name(key: str) -> str:
 
 
 def enable_state_tracking() -> None:
-    """Let Ray Train's state API see this run (unless the user chose otherwise)."""
+    """Let Ray Train's state API see this run (unless the user chose otherwise); the
+    caller decides when a dashboard can show it."""
     os.environ.setdefault(STATE_TRACKING_ENV, "1")
 
 
