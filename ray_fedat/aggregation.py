@@ -1,6 +1,6 @@
 """Aggregation rules as pure functions over a stacked K x D tensor of client vectors:
-FedAvg (also as a running sum), coordinate-wise median and trimmed mean, Krum, Multi-Krum
-and Bulyan. federation.py runs the same rules sharded over the workers.
+FedAvg (also as a running sum), SFAT's slack-reweighted average, coordinate-wise median
+and trimmed mean, Krum, Multi-Krum and Bulyan. federation.py runs the same rules sharded over the workers.
 
 A model's state (parameters and buffers) travels as one flat float32 vector; BatchNorm
 running statistics are aggregated like parameters, and integer buffers
@@ -43,6 +43,32 @@ def fedavg(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Average of the K rows weighted by `weights` (client sample counts)."""
     w = weights.to(dtype=updates.dtype, device=updates.device)
     return (w @ updates) / w.sum()  # a matrix-vector product: no K x D temporary
+
+
+def sfat_weights(sizes: torch.Tensor, losses: torch.Tensor, alpha: float, topk: int) -> torch.Tensor:
+    """SFAT's alpha-slack client weights (Zhu et al., "Combating Exacerbated Heterogeneity for
+    Robust Models in Federated Learning", ICLR 2023):
+
+        w_k = n_k * (1 + alpha) / (1 - alpha)   for the top-k clients with the LOWEST
+                                                 adversarial training loss this round
+        w_k = n_k                               for the others
+
+    normalised to sum to 1 by the caller's weighted mean. The authors' code (utils.py
+    average_weights_alpha*, --pri = (1+alpha)/(1-alpha), default 1.4, i.e. alpha = 1/6;
+    --topk, default 1) ranks clients by the negated loss and upweights the largest; ties at
+    the threshold are all upweighted, as there. Their code plain-averages the first round
+    and leaves BatchNorm entries unweighted; here every round and every entry is reweighted."""
+    sizes = sizes.to(torch.float64)
+    k = min(max(int(topk), 0), len(losses))
+    if k == 0:
+        return sizes.clone()
+    threshold = torch.sort(losses.to(torch.float64)).values[k - 1]
+    upweight = losses.to(torch.float64) <= threshold
+    return torch.where(upweight, sizes * (1 + alpha) / (1 - alpha), sizes)
+
+
+def sfat(updates: torch.Tensor, sizes: torch.Tensor, losses: torch.Tensor, alpha: float, topk: int) -> torch.Tensor:
+    return fedavg(updates, sfat_weights(sizes, losses, alpha, topk))
 
 
 class WeightedSum:
@@ -173,10 +199,13 @@ def check_rule(rule: str, k: int, f: int) -> None:
 
 
 def aggregate(rule: str, updates: torch.Tensor, weights: torch.Tensor, trim_ratio: float = 0.1,
-              f: int = 0) -> torch.Tensor:
+              f: int = 0, losses: torch.Tensor | None = None, sfat_alpha: float = 1 / 6,
+              sfat_topk: int = 1) -> torch.Tensor:
     """Any rule on a K x D tensor in one process (the reference the sharded path matches)."""
     if rule == "fedavg":
         return fedavg(updates, weights)
+    if rule == "sfat":
+        return sfat(updates, weights, losses, sfat_alpha, sfat_topk)
     if rule == "median":
         return coordinate_median(updates)
     if rule == "trimmed-mean":

@@ -33,11 +33,25 @@ def _noise_like(x: torch.Tensor, generator: Optional[torch.Generator], uniform_e
     return noise.to(device=x.device, dtype=x.dtype)
 
 
+def starting_point(x: torch.Tensor, eps: float, generator: Optional[torch.Generator], start: str) -> torch.Tensor:
+    """Where an attack begins: "uniform" a uniform random point of the eps-ball (Madry's PGD,
+    FGSM-RS), "gaussian" x + 0.001 * N(0, 1) (TRADES, MART), "none" x itself."""
+    if start == "uniform":
+        return project(x + _noise_like(x, generator, uniform_eps=eps), x, eps)
+    if start == "gaussian":
+        return project(x + 0.001 * _noise_like(x, generator), x, eps)
+    if start == "none":
+        return x.clone()
+    raise ValueError(f"unknown attack start {start!r}")
+
+
 def pgd_ce(model: Logits, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
-           generator: Optional[torch.Generator] = None, random_start: bool = True) -> torch.Tensor:
-    """Madry et al. PGD on the cross-entropy loss, from a uniform random start in the eps-ball."""
+           generator: Optional[torch.Generator] = None, start: str = "uniform") -> torch.Tensor:
+    """Madry et al. PGD on the cross-entropy loss, from a uniform random start in the eps-ball
+    (or from `start`, see starting_point). One step of 1.25 eps from the uniform start is
+    Wong et al.'s FGSM-RS."""
     x = x.detach()
-    x_adv = project(x + _noise_like(x, generator, uniform_eps=eps), x, eps) if random_start else x.clone()
+    x_adv = starting_point(x, eps, generator, start)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         loss = F.cross_entropy(model(x_adv), y, reduction="sum")
@@ -58,10 +72,7 @@ def kl_attack(logits_fn: Logits, x: torch.Tensor, natural_probs: torch.Tensor, e
     every step)."""
     x = x.detach()
     natural_probs = natural_probs.detach()
-    if start == "uniform":
-        x_adv = project(x + _noise_like(x, generator, uniform_eps=eps), x, eps)
-    else:
-        x_adv = project(x + 0.001 * _noise_like(x, generator), x, eps)
+    x_adv = starting_point(x, eps, generator, start)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         loss = F.kl_div(F.log_softmax(logits_fn(x_adv), dim=1), natural_probs, reduction="sum")

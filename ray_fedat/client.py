@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import augment_batch, to_float
-from .losses import METHOD_LOSSES, LocalContext
+from .losses import METHOD_LOSSES, LocalContext, proximal_term
 from .precision import Forward
 
 
@@ -49,6 +49,9 @@ class LocalTrainingConfig:
     augment: bool
     attack_start: str = "gaussian"
     precision: str = "fp32"  # "fp32" or "bf16" forwards (resolved; see precision.py)
+    mart_beta: float = 6.0
+    calfat_scale: float = 1.0
+    prox_mu: float = 0.0  # FedProx's mu; 0: plain local training
 
 
 def batches(order: torch.Tensor, batch_size: int):
@@ -65,11 +68,14 @@ def batches(order: torch.Tensor, batch_size: int):
 
 def train_client(model: torch.nn.Module, shard: ClientShard, cfg: LocalTrainingConfig,
                  generator: torch.Generator, device: torch.device) -> float:
-    """Train `model` in place on the shard; returns the mean training loss."""
+    """Train `model` in place on the shard; returns the mean training loss of the method
+    (without FedProx's proximal term: SFAT ranks clients by it)."""
     loss_fn = METHOD_LOSSES[cfg.method]
     ctx = LocalContext(cfg.epsilon, cfg.step_size, cfg.attack_steps, shard.class_counts.to(device),
                        generator, cfg.trades_beta, cfg.calfat_tau, cfg.attack_start,
-                       Forward.for_model(model, cfg.precision, device))
+                       Forward.for_model(model, cfg.precision, device), cfg.mart_beta, cfg.calfat_scale)
+    # FedProx's anchor: the global model this round started from (the caller loaded it).
+    anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if cfg.prox_mu > 0 else None
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     model.train()
@@ -83,8 +89,9 @@ def train_client(model: torch.nn.Module, shard: ClientShard, cfg: LocalTrainingC
             if cfg.augment:
                 x = augment_batch(x, generator)
             loss = loss_fn(model, x, y, ctx)
+            objective = loss if anchor is None else loss + proximal_term(model, anchor, cfg.prox_mu)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             total += loss.detach().double() * len(idx)  # stays on the device: no sync per batch
             count += len(idx)

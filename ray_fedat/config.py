@@ -18,13 +18,15 @@ from .schedule import LR_SCHEDULES
 
 DATASETS = ("mnist", "fmnist", "cifar10", "digits", "npz")
 PARTITIONS = ("iid", "dirichlet", "shards")
-METHODS = ("calfat", "trades", "pgd", "natural")
-AGGREGATORS = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
+METHODS = ("calfat", "trades", "mart", "pgd", "fgsm-rs", "natural")
+AGGREGATORS = ("fedavg", "sfat", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 BYZANTINE_ATTACKS = ("sign-flip", "gaussian", "scale", "label-flip")  # see byzantine.py
 DEVICES = ("auto", "cpu", "cuda")
 DATA_ON = ("driver", "nodes")
 ATTACK_STARTS = ("gaussian", "uniform")  # see attacks.kl_attack
 PRECISIONS = ("auto", "fp32", "bf16")  # see precision.py
+FINAL_ATTACKS = ("none", "pgd-100", "apgd", "autoattack")  # see final_eval.py
+CALFAT_PAPER_SCALE = 10.0  # s in the CalFAT authors' code: cross_entropy(s * (z + 0.1 log n_c), y)
 
 
 class ConfigError(ValueError):
@@ -105,6 +107,9 @@ class RunConfig:
     trim_ratio: float = 0.1
     server_lr: float = 1.0
     aggregator_f: Optional[int] = None  # None: --byzantine
+    sfat_alpha: float = 1 / 6  # (1 + a) / (1 - a) = 1.4, the SFAT code's --pri
+    sfat_topk: int = 1
+    prox_mu: float = 0.0
     byzantine: int = 0
     byzantine_attack: str = "sign-flip"
     # adversary
@@ -118,6 +123,11 @@ class RunConfig:
     eps_warmup_rounds: Optional[int] = None
     trades_beta: float = 6.0
     calfat_tau: float = 0.1
+    calfat_scale: float = 1.0
+    mart_beta: float = 6.0
+    val_fraction: float = 0.1
+    final_attack: str = "none"
+    final_samples: Optional[int] = None
     eval_every: Optional[int] = None  # None: every round, or chosen by the planner under --time-budget
     eval_samples: Optional[int] = None
     eval_batch_size: int = 256
@@ -228,6 +238,21 @@ class RunConfig:
              f"--attack-start {self.attack_start!r} is not one of {', '.join(ATTACK_STARTS)}")
         need(self.eval_step_size >= 0, f"--eval-step-size must be >= 0 (got {self.eval_step_size})")
         need(self.trades_beta >= 0, f"--trades-beta must be >= 0 (got {self.trades_beta})")
+        need(self.mart_beta >= 0, f"--mart-beta must be >= 0 (got {self.mart_beta})")
+        need(math.isfinite(self.calfat_scale) and self.calfat_scale > 0,
+             f"--calfat-scale must be > 0 (got {self.calfat_scale})")
+        need(math.isfinite(self.prox_mu) and self.prox_mu >= 0, f"--prox-mu must be >= 0 (got {self.prox_mu})")
+        need(0 <= self.sfat_alpha < 1, f"--sfat-alpha must be in [0, 1) (got {self.sfat_alpha})")
+        need(self.sfat_topk >= 0, f"--sfat-topk must be >= 0 (got {self.sfat_topk})")
+        need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
+        need(self.final_attack in FINAL_ATTACKS,
+             f"--final-attack {self.final_attack!r} is not one of {', '.join(FINAL_ATTACKS)}")
+        from .final_eval import torchattacks_missing
+
+        missing = torchattacks_missing(self.final_attack)
+        need(missing is None, missing or "")
+        need(self.final_samples is None or self.final_samples >= 1,
+             f"--final-samples must be >= 1 (got {self.final_samples})")
         need(self.eval_every is None or self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})")
         need(self.eval_samples is None or self.eval_samples >= 1, f"--eval-samples must be >= 1 (got {self.eval_samples})")
         need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1 (got {self.checkpoint_every})")
@@ -265,6 +290,13 @@ class RunConfig:
     def from_dict(cls, d: dict) -> "RunConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_scale(text: str) -> float:
+    """--calfat-scale: a number, or 'paper' for the CalFAT authors' s = 10."""
+    if isinstance(text, str) and text.strip().lower() == "paper":
+        return CALFAT_PAPER_SCALE
+    return parse_fraction(text)
 
 
 def parse_fraction(text: str) -> float:
@@ -340,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aggregator-f", type=int, default=None,
                    help="krum, multi-krum, bulyan: the number f of Byzantine clients per round to tolerate "
                    "(default: --byzantine); Krum needs more than 2f + 2 clients per round, Bulyan 4f + 3")
+    g.add_argument("--sfat-alpha", type=parse_fraction, default=d.sfat_alpha,
+                   help="--aggregator sfat: the top-k clients with the lowest adversarial loss get weight "
+                   "(1 + alpha) / (1 - alpha) times their size (SFAT, ICLR 2023; 1/6 gives the authors' 1.4)")
+    g.add_argument("--sfat-topk", type=int, default=d.sfat_topk, help="--aggregator sfat: clients upweighted per round")
+    g.add_argument("--prox-mu", type=float, default=d.prox_mu,
+                   help="FedProx: add mu/2 * ||w - w_global||^2 to every client's loss (any --method); 0 = off")
     g.add_argument("--byzantine", type=int, default=d.byzantine,
                    help="make this many clients (drawn with --seed) malicious, to test the robust aggregators")
     g.add_argument("--byzantine-attack", default=d.byzantine_attack,
@@ -359,6 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ramp epsilon up linearly over the first N rounds; 0 = full epsilon from round 1 (per dataset)")
     g.add_argument("--trades-beta", type=float, default=d.trades_beta, help="TRADES KL weight")
     g.add_argument("--calfat-tau", type=float, default=d.calfat_tau, help="CalFAT calibration strength: z + tau*log(class count)")
+    g.add_argument("--calfat-scale", type=parse_scale, default=d.calfat_scale,
+                   help="CalFAT logit scale s in cross_entropy(s * calibrated logits); 'paper' = "
+                   f"{CALFAT_PAPER_SCALE:g}, the authors' code")
+    g.add_argument("--mart-beta", type=float, default=d.mart_beta, help="MART's lambda: weight of the weighted KL term")
+    g.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="hold out this share of the training data (before partitioning) to choose the best "
+                   "models; the test set is only reported. 0: choose on the test set, as the CalFAT code does")
+    g.add_argument("--final-attack", default=d.final_attack,
+                   help=f"after training, attack the final and best-robust models once more: {', '.join(FINAL_ATTACKS)} "
+                   "(apgd = APGD-CE + APGD-T, AutoAttack's fast pair; autoattack = the standard AutoAttack; "
+                   "both need torchattacks)")
+    g.add_argument("--final-samples", type=int, default=None,
+                   help="--final-attack on the first N test images (default: all)")
     g.add_argument("--eval-every", type=int, default=None,
                    help="evaluate the global model every N rounds and at the last (default: every round; with "
                    "--time-budget, as often as keeps evaluation under a fifth of the time)")
@@ -409,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What a resumed run may change: how long and where it runs, not what it learns.
 RESUMABLE = ("rounds", "workers", "worker_nodes", "cpus_per_worker", "device", "address", "max_failures", "eval_every",
-             "checkpoint_every", "keep_checkpoints", "dashboard", "dashboard_host", "verbose", "print_config")
+             "checkpoint_every", "keep_checkpoints", "dashboard", "dashboard_host", "verbose", "print_config",
+             "final_attack", "final_samples")
 
 
 def explicit_flags(argv: Optional[Sequence[str]]) -> dict:
@@ -437,6 +489,7 @@ def resume_config(run_dir: str, given: dict) -> RunConfig:
                           f"(allowed: {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})")
     from .storage import is_uri
 
+    saved.setdefault("val_fraction", 0.0)  # saved before the validation split existed: it trained on all
     cfg = RunConfig.from_dict({**saved, **given})
     cfg.resume = os.path.abspath(run_dir)
     if saved.get("output_dir") is None and not is_uri(saved.get("storage_path")):

@@ -30,6 +30,8 @@ class ImageData:
     y_test: torch.Tensor
     num_classes: int
     augment: bool = False  # CIFAR-style random crop + flip while training
+    x_val: Optional[torch.Tensor] = None  # held out of the training data to choose the best models
+    y_val: Optional[torch.Tensor] = None
 
     @property
     def shape(self) -> tuple:
@@ -64,7 +66,8 @@ def from_arrays(x_train, y_train, x_test, y_test, source: str, num_classes: Opti
             raise DataError(f"{source}: x_{split} has {nx} images but y_{split} has {ny} labels")
         if nx == 0:
             raise DataError(f"{source}: x_{split} is empty")
-    if num_classes is None:  # the classes are the ones training shows: 0..max(y_train)
+    if num_classes is None:  # the classes are the ones training shows: 0..C-1, each at least once
+        check_labels_cover_classes(arrays["y_train"], arrays["y_test"], source)
         num_classes = int(arrays["y_train"].max()) + 1
     for key in ("y_train", "y_test"):
         lo, hi = int(arrays[key].min()), int(arrays[key].max())
@@ -82,6 +85,44 @@ def from_arrays(x_train, y_train, x_test, y_test, source: str, num_classes: Opti
         x_test=images(arrays["x_test"]), y_test=torch.from_numpy(arrays["y_test"].astype(np.int64)),
         num_classes=num_classes, augment=augment,
     )
+
+
+def check_labels_cover_classes(y_train: np.ndarray, y_test: np.ndarray, source: str) -> None:
+    """Training labels must be exactly 0..C-1 (every class seen in training), and every test
+    label a class that training has: else a 110-class model trains silently on labels
+    100..109, or the test set scores a class no client can learn."""
+    present = np.unique(y_train)
+    if present[0] != 0 or present[-1] != len(present) - 1:
+        if present[0] == 0:  # a gap: the first few classes with no training image
+            gaps = [c for c in range(int(present[-1]) + 1) if c not in set(present.tolist())][:5] \
+                if present[-1] < 100_000 else []
+            detail = f"class(es) {', '.join(map(str, gaps))} have no training image" if gaps else "there are gaps"
+        else:
+            detail = f"the smallest is {present[0]}"
+        raise DataError(f"{source}: y_train labels must be 0..C-1 with every class present; found {len(present)} "
+                        f"distinct labels in [{present[0]}, {present[-1]}] ({detail}); relabel them to "
+                        f"0..{len(present) - 1}")
+    unseen = np.setdiff1d(np.unique(y_test), present)
+    if len(unseen):
+        raise DataError(f"{source}: y_test has label(s) {', '.join(map(str, unseen[:5].tolist()))} that no training "
+                        f"image has (training labels are 0..{present[-1]})")
+
+
+def hold_out_validation(data: ImageData, fraction: float, seed: int) -> ImageData:
+    """The same data with round(fraction * N) training images (at least one), drawn with
+    `seed`, moved into a validation set. Done before partitioning, identically on the
+    driver and on any node that loads its own copy. fraction 0: unchanged."""
+    if fraction <= 0:
+        return data
+    n = len(data.y_train)
+    n_val = max(1, int(round(fraction * n)))
+    if n - n_val < 2:
+        raise DataError(f"--val-fraction {fraction:g} of {n} training images leaves {n - n_val} to train on; "
+                        "use more data or --val-fraction 0")
+    order = torch.from_numpy(np.random.default_rng([int(seed), 0x7A1]).permutation(n))
+    val, train = order[:n_val].sort().values, order[n_val:].sort().values
+    return ImageData(data.x_train[train], data.y_train[train], data.x_test, data.y_test, data.num_classes,
+                     data.augment, x_val=data.x_train[val], y_val=data.y_train[val])
 
 
 def load_npz(path: str) -> ImageData:

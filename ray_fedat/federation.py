@@ -10,6 +10,9 @@ Aggregation never holds all K client models on one worker:
 - FedAvg: each worker adds its clients into one running weighted sum; an all_gather of
   the W per-worker (sum, weight) pairs, summed in rank order on every rank, gives the
   average. Memory does not grow with K.
+- SFAT: each worker keeps its own clients' vectors; once every client's loss is known
+  (the metadata all_gather), each worker sums its clients with SFAT's weights and the
+  W partial sums are all_gathered as for FedAvg.
 - Robust rules (median, trimmed mean, Krum, Multi-Krum, Bulyan): each worker keeps its
   own clients' vectors (K/W x P); an all_to_all hands every rank all K clients' values
   for 1/W of the coordinates, which it aggregates, and an all_gather assembles the
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .aggregation import (KRUM_RULES, WeightedSum, bulyan_coordinates, bulyan_select, check_rule, coordinate_median,
+from .aggregation import (KRUM_RULES, WeightedSum, sfat_weights, bulyan_coordinates, bulyan_select, check_rule, coordinate_median,
                           krum_select, multi_krum_size, pairwise_sq_distances, trimmed_mean)
 
 
@@ -261,7 +264,8 @@ class ClientUpdates:
         self.weights.append(weight)
         self.losses.append(loss)
 
-    def aggregate(self, ids_by_rank: Sequence[Sequence[int]], trim_ratio: float = 0.1, f: int = 0
+    def aggregate(self, ids_by_rank: Sequence[Sequence[int]], trim_ratio: float = 0.1, f: int = 0,
+                  sfat_alpha: float = 1 / 6, sfat_topk: int = 1
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ids, weights, losses) of all participating clients sorted by id, and the
         aggregated vector, the same on every rank. `ids_by_rank`: the participants each
@@ -270,6 +274,12 @@ class ClientUpdates:
                                                   max(len(block) for block in ids_by_rank), self.device)
         if self.sum is not None:
             aggregated = all_gather_weighted_sums(self.sum).mean()
+        elif self.rule == "sfat":  # weights need every client's loss: known only now
+            slack = dict(zip(ids.tolist(), sfat_weights(weights, losses, sfat_alpha, sfat_topk).tolist()))
+            partial = WeightedSum(self.rows.shape[1], self.device)
+            for row, cid in zip(self.rows, self.ids):
+                partial.add(row, slack[cid])
+            aggregated = all_gather_weighted_sums(partial).mean()
         else:
             aggregated = sharded_aggregate(self.rule, self.rows, ids_by_rank, trim_ratio, f)
         self.sum = self.rows = None  # free K/W x P before the next round allocates it again

@@ -1,4 +1,5 @@
-"""Local training objectives: CalFAT, TRADES, PGD-AT and natural training.
+"""Local training objectives: CalFAT, TRADES, MART, PGD-AT, FGSM-RS and natural training,
+and FedProx's proximal term (added to any of them by client.py).
 
 Each method is `loss(model, x, y, ctx) -> scalar tensor`, called with the model in train
 mode. Every model call goes through `ctx.forward` (bf16 autocast and channels_last when the
@@ -29,6 +30,8 @@ class LocalContext:
     calfat_tau: float = 0.1
     attack_start: str = "gaussian"  # where the KL attack begins (see attacks.kl_attack)
     forward: Forward = Forward()  # how to call the model: fp32 or bf16, channels_last or not
+    mart_beta: float = 6.0  # MART's lambda
+    calfat_scale: float = 1.0  # CalFAT's s: cross_entropy(s * calibrated logits)
 
 
 def calibrate(logits: torch.Tensor, class_counts: torch.Tensor, tau: float = 0.1) -> torch.Tensor:
@@ -77,7 +80,45 @@ def trades_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
     return F.cross_entropy(logits_nat, y) + ctx.trades_beta * robust
 
 
+def fgsm_rs_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
+    """"Fast" adversarial training (Wong, Rice and Kolter, "Fast is better than free", ICLR
+    2020): one FGSM step of size 1.25 eps from a uniform random point of the eps-ball, then
+    cross-entropy on it. The step follows the current eps (warm-up included), not --step-size."""
+    with attacking(model):
+        x_adv = pgd_ce(ctx.forward.of(model), x, y, ctx.epsilon, 1.25 * ctx.epsilon, 1, ctx.generator, start="uniform")
+    return F.cross_entropy(ctx.forward(model, x_adv), y)
+
+
+def mart_objective(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    """MART (Wang et al., "Improving Adversarial Robustness Requires Revisiting Misclassified
+    Examples", ICLR 2020, eq. 7), with the authors' constants:
+
+        BCE(p(x'), y) + beta * KL(p(x) || p(x')) * (1 - p_y(x)), averaged over the batch,
+        BCE(p(x'), y) = -log p_y(x') - log(1 - max_{k != y} p_k(x'))
+
+    The KL is summed over classes per example; the boosted BCE's second term pushes down the
+    most likely wrong class of the adversarial example."""
+    adv_probs = F.softmax(logits_adv, dim=1)
+    top2 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    strongest_wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    boosted_ce = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), strongest_wrong)
+    nat_probs = F.softmax(logits_nat, dim=1)
+    true_probs = nat_probs.gather(1, y.unsqueeze(1)).squeeze(1)
+    kl_per_example = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none").sum(dim=1)
+    return boosted_ce + beta * (kl_per_example * (1.0000001 - true_probs)).mean()
+
+
+def mart_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
+    """MART: a cross-entropy PGD attack (from the start --attack-start names), then mart_objective."""
+    with attacking(model):
+        x_adv = pgd_ce(ctx.forward.of(model), x, y, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator,
+                       start=ctx.attack_start)
+    return mart_objective(ctx.forward(model, x), ctx.forward(model, x_adv), y, ctx.mart_beta)
+
+
 def calfat_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
+    """CalFAT: the KL attack on calibrated logits, then cross_entropy(s * calibrated logits).
+    The authors' code (maxMarginLoss in fat.py) trains with s = 10 and attacks without s."""
     def calibrated(inputs):
         return calibrate(ctx.forward(model, inputs), ctx.class_counts, ctx.calfat_tau)
 
@@ -86,12 +127,22 @@ def calfat_loss(model, x, y, ctx: LocalContext) -> torch.Tensor:
             natural_probs = F.softmax(calibrated(x), dim=1)
         x_adv = kl_attack(calibrated, x, natural_probs, ctx.epsilon, ctx.step_size, ctx.attack_steps, ctx.generator,
                           ctx.attack_start)
-    return F.cross_entropy(calibrated(x_adv), y)
+    return F.cross_entropy(ctx.calfat_scale * calibrated(x_adv), y)
+
+
+def proximal_term(model: torch.nn.Module, global_params, mu: float) -> torch.Tensor:
+    """FedProx (Li et al., MLSys 2020): mu/2 * ||w - w_global||^2 over the trainable
+    parameters, keeping each client near the global model it started from."""
+    squared = sum(((p - g) ** 2).sum() for p, g in zip((p for p in model.parameters() if p.requires_grad),
+                                                        global_params))
+    return 0.5 * mu * squared
 
 
 METHOD_LOSSES: Dict[str, Callable[..., torch.Tensor]] = {
     "calfat": calfat_loss,
     "trades": trades_loss,
+    "mart": mart_loss,
     "pgd": pgd_loss,
+    "fgsm-rs": fgsm_rs_loss,
     "natural": natural_loss,
 }

@@ -74,7 +74,7 @@ class RunRecorder(UserCallback):
         if time.monotonic() - self._last_drawn >= self.CURVES_EVERY_S:
             draw_curves(self.run_dir, [self.records[r] for r in sorted(self.records)], self.title)
             self._last_drawn = time.monotonic()
-        scalars = {k: record[k] for k in ("natural_acc", "robust_acc", "train_loss", "round_s")
+        scalars = {k: record[k] for k in ("natural_acc", "robust_acc", "val_natural_acc", "val_robust_acc", "train_loss", "round_s")
                    if record.get(k) is not None}
         if self._tensorboard is None:
             from tensorboardX import SummaryWriter
@@ -116,12 +116,24 @@ def draw_curves(run_dir: str, records: List[Dict[str, Any]], title: str) -> None
 
 
 def best_rounds(records: List[Dict[str, Any]]) -> Dict[str, Optional[Dict[str, Any]]]:
-    """Best natural and best robust accuracy with their rounds (first round wins ties)."""
+    """Best natural and best robust model with their rounds (first round wins ties), chosen
+    as the workers chose them: on validation accuracy when the run has a validation set,
+    else on test accuracy. natural_acc / robust_acc are always the test numbers."""
     out: Dict[str, Optional[Dict[str, Any]]] = {}
     for kind in ("natural", "robust"):
         scored = [r for r in records if r.get(f"{kind}_acc") is not None]
-        top = max(scored, key=lambda r: (r[f"{kind}_acc"], -r["round"]), default=None)
-        out[kind] = None if top is None else {"round": top["round"], f"{kind}_acc": top[f"{kind}_acc"],
-                                              "natural_acc": top["natural_acc"], "robust_acc": top["robust_acc"],
-                                              "file": BEST_FILES[kind]}
+
+        def score(r: Dict[str, Any]) -> float:
+            return r[f"val_{kind}_acc"] if r.get("chosen_on") == "val" else r[f"{kind}_acc"]
+
+        top = max(scored, key=lambda r: (score(r), -r["round"]), default=None)
+        if top is None:
+            out[kind] = None
+            continue
+        on_val = top.get("chosen_on") == "val"
+        out[kind] = {"round": top["round"], f"{kind}_acc": top[f"{kind}_acc"], "natural_acc": top["natural_acc"],
+                     "robust_acc": top["robust_acc"], "chosen_on": "validation" if on_val else "test",
+                     "file": BEST_FILES[kind]}
+        if on_val:
+            out[kind].update(val_natural_acc=top["val_natural_acc"], val_robust_acc=top["val_robust_acc"])
     return out

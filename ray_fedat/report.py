@@ -21,6 +21,9 @@ def summarize(run_dir: str) -> dict:
     evaluated = [r for r in records if r.get("natural_acc") is not None]
     best = best_rounds(records)
     cfg = summary["config"]
+    clients = (summary.get("client_robustness") or {}).get("robust") or {}
+    attack = summary.get("final_attack") or {}
+    final_strong = (attack.get("models") or {}).get("final", {}).get("robust_acc")
     return {
         "run": os.path.basename(os.path.normpath(run_dir)),
         "dataset": cfg["dataset"], "method": cfg["method"], "partition": cfg["partition"],
@@ -31,6 +34,11 @@ def summarize(run_dir: str) -> dict:
         "best_nat_round": best["natural"]["round"] if best["natural"] else None,
         "best_rob": best["robust"]["robust_acc"] if best["robust"] else None,
         "best_rob_round": best["robust"]["round"] if best["robust"] else None,
+        "chosen_on": (summary.get("selection") or {}).get("chosen_on", "test"),
+        "worst_client_rob": clients.get("worst"),
+        "bottom20_rob": clients.get("bottom_mean"),
+        "final_attack": attack.get("attack") if final_strong is not None else None,
+        "final_strong_rob": final_strong,
         "wall_s": summary.get("wall_s"),
     }
 
@@ -40,10 +48,13 @@ def format_table(rows: List[dict]) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
     header = ["run", "dataset", "method", "partition", "K", "rounds", "final nat", "final rob",
-              "best nat (round)", "best rob (round)", "wall", "status"]
+              "best nat (round)", "best rob (round)", "chosen on", "worst client rob", "bottom 20% rob",
+              "final attack", "wall", "status"]
     body = [[r["run"], r["dataset"], r["method"], r["partition"], str(r["clients"]), str(r["rounds"]),
              pct(r["final_nat"]), pct(r["final_rob"]), f"{pct(r['best_nat'])} ({r['best_nat_round']})",
-             f"{pct(r['best_rob'])} ({r['best_rob_round']})",
+             f"{pct(r['best_rob'])} ({r['best_rob_round']})", r["chosen_on"], pct(r["worst_client_rob"]),
+             pct(r["bottom20_rob"]),
+             "-" if r["final_strong_rob"] is None else f"{r['final_attack']} {pct(r['final_strong_rob'])}",
              "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}s", r["status"]] for r in rows]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]

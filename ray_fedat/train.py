@@ -31,11 +31,12 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def prepare_data(cfg: RunConfig):
-    """Load the dataset and split it over the clients (both on the driver, before Ray)."""
-    from .data import load_dataset
+    """Load the dataset, hold out the validation set, and split the rest over the clients
+    (all on the driver, before Ray)."""
+    from .data import hold_out_validation, load_dataset
     from .partition import class_counts, make_partition
 
-    data = load_dataset(cfg)
+    data = hold_out_validation(load_dataset(cfg), cfg.val_fraction, cfg.seed)
     parts = make_partition(data.y_train.numpy(), cfg.clients, cfg.partition, cfg.seed, beta=cfg.beta,
                            shards_per_client=cfg.shards_per_client, min_size=cfg.min_client_size)
     counts = class_counts(data.y_train.numpy(), parts, data.num_classes)
@@ -166,6 +167,7 @@ def build_payload(cfg: RunConfig, data, parts, counts, use_gpu: bool) -> dict:
             ray.put(ClientShard(cid, data.x_train[idx], data.y_train[idx], torch.tensor(counts[cid], dtype=torch.float32)))
             for cid, idx in enumerate(map(torch.as_tensor, parts))]
         payload["test_ref"] = ray.put((data.x_test, data.y_test))
+        payload["val_ref"] = ray.put((data.x_val, data.y_val))
     else:
         payload["partition"] = [p.astype(np.int64) for p in parts]
         payload["label_digest"] = label_digest(data.y_train)
@@ -244,7 +246,7 @@ def save_final_model(run_dir: str, result, records: List[dict]) -> Optional[str]
 def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: str, wall_s: float = 0.0,
                   final_model: Optional[str] = None, error: Optional[str] = None,
                   launched: Optional[float] = None, storage: Optional[str] = None,
-                  run_name: Optional[str] = None) -> dict:
+                  run_name: Optional[str] = None, val_images: int = 0, final_attack: Optional[dict] = None) -> dict:
     """summary.json: written when the run starts (so an interrupted run can be resumed)
     and again when it ends."""
     from .byzantine import byzantine_clients
@@ -272,6 +274,9 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
         "rounds_completed": records[-1]["round"] if records else 0,
         "final": evaluated[-1] if evaluated else None,
         "best": best_rounds(records),
+        "selection": selection(cfg, val_images),
+        "client_robustness": client_robustness(evaluated[-1] if evaluated else None, counts),
+        "final_attack": final_attack,
         "final_model": final_model,
         "wall_s": wall_s,
         "workers": workers,
@@ -288,6 +293,73 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
     return summary
 
 
+def selection(cfg: RunConfig, val_images: int) -> dict:
+    """Which split chose the best models, and which only reports."""
+    if val_images:
+        return {"chosen_on": "validation", "validation_images": val_images, "val_fraction": cfg.val_fraction,
+                "reported_on": "test", "note": "best_natural.pt and best_robust.pt are chosen on validation "
+                "accuracy; the test set is reported, never used to choose"}
+    return {"chosen_on": "test", "validation_images": 0, "val_fraction": 0.0, "reported_on": "test",
+            "note": "--val-fraction 0: the best models are chosen on the test set, so their test accuracy is "
+            "optimistic"}
+
+
+def client_robustness(record: Optional[dict], counts) -> Optional[dict]:
+    """Each client's expected natural and robust accuracy on its own label distribution
+    (the global model's per-class test accuracy weighted by the client's class histogram),
+    the worst client and the mean of the bottom 20%."""
+    from .evaluation import client_expected_accuracy, worst_and_bottom
+
+    if not record or not record.get("per_class"):
+        return None
+    per_class = record["per_class"]
+    natural = client_expected_accuracy(counts.tolist(), per_class["natural"])
+    robust = client_expected_accuracy(counts.tolist(), per_class["robust"])
+    return {"round": record["round"], "split": "test",
+            "clients": [{"client": i, "natural_acc": n, "robust_acc": r} for i, (n, r) in enumerate(zip(natural, robust))],
+            "natural": worst_and_bottom(natural), "robust": worst_and_bottom(robust)}
+
+
+def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[str], final_round: Optional[int],
+                     use_gpu: bool) -> Optional[dict]:
+    """--final-attack on final_model.pt and best_robust.pt, as one Ray task with a training
+    worker's resources. Never fails the run: a problem is reported in the result."""
+    import ray
+
+    from .checkpoints import load_model_file
+    from .final_eval import ATTACK_NAMES, evaluate_models, weak_yardstick_warning
+    from .recorder import BEST_FILES
+
+    files = {"final": final_model, "best_robust": BEST_FILES["robust"]}
+    loaded = {name: load_model_file(os.path.join(run_dir, f))
+              for name, f in files.items() if f and os.path.isfile(os.path.join(run_dir, f))}
+    if not loaded:
+        return None
+    rounds = {name: meta.get("round") for name, (_, meta) in loaded.items()}
+    if rounds.get("best_robust") is not None and rounds.get("best_robust") == final_round and "final" in loaded:
+        del loaded["best_robust"]  # the same model: attack it once
+    states = {name: state for name, (state, _) in loaded.items()}
+    x, y = data.x_test, data.y_test
+    if cfg.final_samples:
+        x, y = x[: cfg.final_samples], y[: cfg.final_samples]
+    yardstick = f"PGD-{cfg.eval_steps}"
+    print(f"ray_fedat: attacking {' and '.join(states)} with {ATTACK_NAMES[cfg.final_attack]} on {len(y)} test images")
+    task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_retries=0)(evaluate_models)
+    started = time.time()
+    try:  # one task per model: they run side by side where the cluster has room
+        refs = [task.remote({name: state}, cfg.model, data.shape, data.num_classes, x, y, cfg.final_attack,
+                            cfg.epsilon, cfg.eval_step_size, cfg.eval_steps, cfg.eval_batch_size, cfg.seed, use_gpu)
+                for name, state in states.items()]
+        results = {name: r for part in ray.get(refs) for name, r in part.items()}
+    except Exception as e:  # noqa: BLE001 - the trained models are kept whatever happens here
+        return {"attack": ATTACK_NAMES[cfg.final_attack], "error": root_cause(e)}
+    if "best_robust" not in results and "final" in results and rounds.get("best_robust") == final_round:
+        results["best_robust"] = results["final"]
+    return {"attack": ATTACK_NAMES[cfg.final_attack], "yardstick": yardstick, "images": len(y),
+            "epsilon": cfg.epsilon, "models": results, "seconds": time.time() - started,
+            "warning": weak_yardstick_warning(results, cfg.final_attack, yardstick)}
+
+
 def run(cfg: RunConfig) -> dict:
     """Run one federated adversarial training job; returns the summary dict."""
     from .partition import format_partition_table, label_skew
@@ -298,6 +370,13 @@ def run(cfg: RunConfig) -> dict:
           f"images {'x'.join(map(str, data.shape))}), {cfg.clients} clients, {cfg.partition} partition "
           f"(label skew {label_skew(data.y_train.numpy(), parts, data.num_classes):.2f})")
     print(format_partition_table(counts))
+    val_images = 0 if data.y_val is None else len(data.y_val)
+    if val_images:
+        print(f"ray_fedat: {val_images} training images ({cfg.val_fraction:g}) held out as the validation set: "
+              "it chooses the best models, the test set is only reported")
+    else:
+        print("ray_fedat: --val-fraction 0: no validation set; the best models are chosen on the test set "
+              "(their test accuracy is optimistic)")
     if cfg.dry_run:
         print(json.dumps(cfg.to_dict(), indent=1))
         return {}
@@ -358,7 +437,8 @@ def run(cfg: RunConfig) -> dict:
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                 callbacks=[RunRecorder(run_dir, title, run_name=name)]),
         )
-        write_summary(run_dir, cfg, counts, placement, status="running", storage=storage_note, run_name=name)
+        write_summary(run_dir, cfg, counts, placement, status="running", storage=storage_note, run_name=name,
+                      val_images=val_images)
         started = time.time()
         result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started,
                                                      len(read_metrics(run_dir)))
@@ -371,8 +451,16 @@ def run(cfg: RunConfig) -> dict:
         if records:  # the recorder redraws at most every few seconds: the final curves come from here
             draw_curves(run_dir, records, title)
         final_model = save_final_model(run_dir, result, records)
-        summary = write_summary(run_dir, cfg, counts, placement, status, time.time() - started, final_model, error,
-                                launched=launched, storage=storage_note, run_name=name)
+        wall_s = time.time() - started
+        final_attack = None
+        if cfg.final_attack != "none" and status == "finished":
+            write_summary(run_dir, cfg, counts, placement, status, wall_s, final_model, error, launched=launched,
+                          storage=storage_note, run_name=name, val_images=val_images)  # kept if the attack is cut short
+            final_attack = run_final_attack(cfg, run_dir, data, final_model,
+                                            records[-1]["round"] if records else None, use_gpu)
+        summary = write_summary(run_dir, cfg, counts, placement, status, wall_s, final_model, error,
+                                launched=launched, storage=storage_note, run_name=name, val_images=val_images,
+                                final_attack=final_attack)
     finally:
         if owns_ray:
             ray.shutdown()
@@ -406,11 +494,27 @@ def print_summary(summary: dict, run_dir: str) -> None:
     final, best = summary["final"], summary["best"]
     print(f"ray_fedat: done, {summary['rounds_completed']} rounds in {summary['wall_s']:.1f} s")
     if final:
-        print(f"  final:  natural {100 * final['natural_acc']:.1f}%  robust {100 * final['robust_acc']:.1f}%")
+        print(f"  final:  natural {100 * final['natural_acc']:.1f}%  robust {100 * final['robust_acc']:.1f}% (test)")
     for kind in ("natural", "robust"):
         if best[kind]:
-            print(f"  best {kind}: {100 * best[kind][kind + '_acc']:.1f}% at round {best[kind]['round']} "
-                  f"-> {os.path.join(run_dir, best[kind]['file'])}")
+            chosen = best[kind]["chosen_on"]
+            on_val = f", validation {100 * best[kind]['val_' + kind + '_acc']:.1f}%" if chosen == "validation" else ""
+            print(f"  best {kind}: test {100 * best[kind][kind + '_acc']:.1f}%{on_val} at round {best[kind]['round']}, "
+                  f"chosen on {chosen} -> {os.path.join(run_dir, best[kind]['file'])}")
+    clients = summary.get("client_robustness")
+    if clients and clients["robust"]["worst"] is not None:
+        rob = clients["robust"]
+        print(f"  clients (test, own label mix): worst robust {100 * rob['worst']:.1f}% (client {rob['worst_client']}), "
+              f"bottom {rob['bottom_clients']} mean {100 * rob['bottom_mean']:.1f}%")
+    attack = summary.get("final_attack")
+    if attack and attack.get("error"):
+        print(f"  final attack {attack['attack']} failed: {attack['error']}")
+    elif attack:
+        for name, r in attack["models"].items():
+            print(f"  {name}: {attack['attack']} {100 * r['robust_acc']:.1f}% vs {attack['yardstick']} "
+                  f"{100 * r['yardstick_acc']:.1f}% (natural {100 * r['natural_acc']:.1f}%, {attack['images']} images)")
+        if attack["warning"]:
+            print(f"  {attack['warning']}")
     print(f"  outputs: {run_dir}/{{metrics.jsonl,summary.json,final_model.pt}}")
 
 

@@ -48,7 +48,8 @@ def label_digest(labels) -> str:
 
 
 def load_shards(payload: dict, my_clients: List[int]):
-    """This worker's client shards and the test set, from the object store or from local disk."""
+    """This worker's client shards, the test set and the validation set ((None, None) without
+    one), from the object store or from local disk."""
     import ray
 
     cfg = RunConfig.from_dict(payload["cfg"])
@@ -56,10 +57,11 @@ def load_shards(payload: dict, my_clients: List[int]):
     if cfg.data_on == "driver":
         shards = {cid: ray.get(payload["client_refs"][cid]) for cid in my_clients}
         x_test, y_test = ray.get(payload["test_ref"])
-        return shards, x_test, y_test
-    from .data import load_dataset
+        x_val, y_val = ray.get(payload["val_ref"])
+        return shards, (x_test, y_test), (x_val, y_val)
+    from .data import hold_out_validation, load_dataset
 
-    data = load_dataset(cfg)  # this node's own copy
+    data = hold_out_validation(load_dataset(cfg), cfg.val_fraction, cfg.seed)  # this node's own copy, split alike
     if label_digest(data.y_train) != payload["label_digest"]:
         raise RuntimeError(f"node {socket.gethostname()}: its copy of {cfg.dataset} differs from the driver's; "
                            "every node needs the same files with --data-on nodes")
@@ -67,7 +69,7 @@ def load_shards(payload: dict, my_clients: List[int]):
     for cid in my_clients:
         idx = torch.as_tensor(payload["partition"][cid])
         shards[cid] = ClientShard(cid, data.x_train[idx], data.y_train[idx], torch.tensor(counts[cid], dtype=torch.float32))
-    return shards, data.x_test, data.y_test
+    return shards, (data.x_test, data.y_test), (data.x_val, data.y_val)
 
 
 def worker_identity(device: torch.device) -> Dict:
@@ -138,6 +140,15 @@ def improves(best: Optional[dict], value: Optional[float]) -> bool:
     return value is not None and (best is None or value > best["value"])
 
 
+def on_device(x: Optional[torch.Tensor], y: Optional[torch.Tensor], limit: Optional[int], device: torch.device):
+    """An evaluation set cut to --eval-samples and moved to the device once (None stays None)."""
+    if x is None:
+        return None
+    if limit:
+        x, y = x[:limit], y[:limit]
+    return x.to(device), y.to(device)
+
+
 def train_loop_per_worker(payload: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -153,15 +164,15 @@ def train_loop_per_worker(payload: dict) -> None:
 
     clients_by_rank = assign_clients(cfg.clients, world, [sum(c) for c in payload["class_counts"]])
     my_clients = clients_by_rank[rank]
-    shards, x_test, y_test = load_shards(payload, my_clients)
+    shards, test_set, val_set = load_shards(payload, my_clients)
     byzantine = set(byzantine_clients(cfg.clients, cfg.byzantine, cfg.seed))
     if cfg.byzantine_attack == "label-flip":
         shards = {cid: flip_labels(s, payload["num_classes"]) if cid in byzantine else s for cid, s in shards.items()}
-    if cfg.eval_samples:
-        x_test, y_test = x_test[: cfg.eval_samples], y_test[: cfg.eval_samples]
     # Once, to the device: batches are then indexed and converted there (no per-batch copies).
     shards = {cid: shard.to(device) for cid, shard in shards.items()}
-    x_test, y_test = x_test.to(device), y_test.to(device)
+    test_set = on_device(*test_set, cfg.eval_samples, device)
+    val_set = on_device(*val_set, cfg.eval_samples, device)
+    chooses = "val" if val_set is not None else "test"  # the split the best models are chosen on
     data_ready_at = time.time()
 
     torch.manual_seed(cfg.seed)  # same initial global model on every rank
@@ -173,15 +184,28 @@ def train_loop_per_worker(payload: dict) -> None:
     global_vec = global_vec.to(device)
     local_cfg = LocalTrainingConfig(cfg.method, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
                                     cfg.weight_decay, cfg.epsilon, cfg.step_size, cfg.attack_steps,
-                                    cfg.trades_beta, cfg.calfat_tau, payload["augment"], cfg.attack_start, precision)
+                                    cfg.trades_beta, cfg.calfat_tau, payload["augment"], cfg.attack_start, precision,
+                                    cfg.mart_beta, cfg.calfat_scale, cfg.prox_mu)
     identity = {**worker_identity(device), "writes_checkpoints": rank == writer_rank, "precision": precision,
                 "loop_started_at": loop_started_at, "data_ready_at": data_ready_at}
     planner = RoundPlanner(cfg, payload.get("deadline"), device)
 
     def evaluate(round_: int) -> dict:
-        return evaluate_distributed(model, x_test, y_test, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
-                                    steps=cfg.eval_steps, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                                    round_=round_, device=device)
+        """Test scores (reported), and validation scores as val_* (they choose the best models)."""
+        def scores(x, y):
+            return evaluate_distributed(model, x, y, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
+                                        steps=cfg.eval_steps, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                                        round_=round_, device=device, num_classes=payload["num_classes"])
+
+        out = scores(*test_set)
+        if val_set is not None:
+            val = scores(*val_set)
+            out.update(val_natural_acc=val["natural_acc"], val_robust_acc=val["robust_acc"],
+                       val_images=val["eval_images"])
+        return out
+
+    not_evaluated = {"natural_acc": None, "robust_acc": None, "eval_images": 0,
+                     **({"val_natural_acc": None, "val_robust_acc": None} if val_set is not None else {})}
 
     round_, last_report_s = first_round, 0.0
     while round_ <= planner.total_rounds:
@@ -205,7 +229,8 @@ def train_loop_per_worker(payload: dict) -> None:
         t_train = time.perf_counter()
 
         taking_part = [[c for c in block if c in participants] for block in clients_by_rank]
-        ids, w, client_losses, aggregated = updates.aggregate(taking_part, cfg.trim_ratio, cfg.aggregator_f)
+        ids, w, client_losses, aggregated = updates.aggregate(taking_part, cfg.trim_ratio, cfg.aggregator_f,
+                                                              cfg.sfat_alpha, cfg.sfat_topk)
         global_vec = server_step(global_vec, aggregated, cfg.server_lr)
         if not torch.isfinite(global_vec).all():
             raise FloatingPointError(f"round {round_}: the aggregated model has NaN/inf parameters "
@@ -215,7 +240,7 @@ def train_loop_per_worker(payload: dict) -> None:
 
         eval_every = planner.eval_every  # the interval this round was planned with
         evaluated = round_ == total_rounds or round_ == first_round or round_ % eval_every == 0
-        scores = evaluate(round_) if evaluated else {"natural_acc": None, "robust_acc": None, "eval_images": 0}
+        scores = evaluate(round_) if evaluated else dict(not_evaluated)
         t_eval = time.perf_counter()
         # Re-plan before reporting, so that a round the new plan makes the last one is still
         # closed with a full evaluation and a checkpoint.
@@ -242,9 +267,10 @@ def train_loop_per_worker(payload: dict) -> None:
             "aggregate_s": t_agg - t_train,
             "eval_s": t_eval - t_agg,
         }
-        new_best = {"natural": improves(best["natural"], record["natural_acc"]),
-                    "robust": improves(best["robust"], record["robust_acc"])}
-        for kind, key in (("natural", "natural_acc"), ("robust", "robust_acc")):
+        record["chosen_on"] = chooses
+        prefix = "val_" if chooses == "val" else ""  # the test set never chooses when there is a validation set
+        new_best = {kind: improves(best[kind], record[f"{prefix}{kind}_acc"]) for kind in ("natural", "robust")}
+        for kind, key in (("natural", f"{prefix}natural_acc"), ("robust", f"{prefix}robust_acc")):
             if new_best[kind]:
                 best[kind] = {"value": record[key], "round": round_}
         record["best_natural"], record["best_robust"] = new_best["natural"], new_best["robust"]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ray_fedat.data import DataError, augment_batch, load_digits, load_npz, load_torchvision
+from ray_fedat.data import DataError, augment_batch, hold_out_validation, load_digits, load_npz, load_torchvision
 
 
 def test_digits_loads_as_uint8_with_a_fixed_split():
@@ -41,8 +41,11 @@ def test_npz_colour_images_become_channels_first(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.pop("y_test"), "missing array(s) y_test"),
     (lambda a: a.update(x_train=a["x_train"].astype(np.float32)), "must be uint8"),
-    (lambda a: a.update(y_test=a["y_test"] + 5), "labels must be 0..2"),
-    (lambda a: a.update(y_test=-a["y_test"] - 1), "labels must be 0.."),
+    (lambda a: a.update(y_test=a["y_test"] + 5), "that no training image has"),
+    (lambda a: a.update(y_test=-a["y_test"] - 1), "that no training image has"),
+    (lambda a: a.update(y_train=a["y_train"] + 100, y_test=a["y_test"] + 100), "relabel them to 0..2"),
+    (lambda a: a.update(y_train=np.where(a["y_train"] == 1, 0, a["y_train"])), "class(es) 1 have no training image"),
+    (lambda a: a.update(y_train=a["y_train"] - 1), "the smallest is -1"),
     (lambda a: a.update(y_train=a["y_train"][:10]), "has 20 images but y_train has 10 labels"),
     (lambda a: a.update(x_test=np.zeros((5, 7, 7), np.uint8)), "x_test images are"),
     (lambda a: a.update(y_train=a["y_train"].astype(np.float64)), "1-D integer array"),
@@ -79,3 +82,32 @@ def test_batched_augmentation_crops_and_flips_within_the_padded_image():
         found = any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2))
                     for dy in range(9) for dx in range(9) for w in [padded[i, :, dy:dy + 32, dx:dx + 32]])
         assert found
+
+
+def test_labels_100_to_109_would_have_trained_a_110_class_model_and_are_refused(tmp_path):
+    arrays = good_arrays()
+    arrays["y_train"] = np.arange(20) % 10 + 100
+    arrays["y_test"] = np.arange(5)
+    with pytest.raises(DataError, match=r"found 10 distinct labels in \[100, 109\].*relabel them to 0..9"):
+        load_npz(write_npz(tmp_path / "shifted.npz", **arrays))
+
+
+def test_validation_is_held_out_of_training_reproducibly():
+    data = load_digits()
+    a, b = hold_out_validation(data, 0.1, seed=3), hold_out_validation(data, 0.1, seed=3)
+    n = len(data.y_train)
+    assert len(a.y_val) == round(0.1 * n) and len(a.y_train) + len(a.y_val) == n
+    assert torch.equal(a.x_val, b.x_val) and torch.equal(a.y_train, b.y_train)
+    assert not torch.equal(hold_out_validation(data, 0.1, seed=4).y_val, a.y_val)
+    # every training image ends up in exactly one of the two, and the test set is untouched
+    train_and_val = torch.cat([a.x_train, a.x_val]).flatten(1)
+    assert sorted(map(bytes, train_and_val.numpy())) == sorted(map(bytes, data.x_train.flatten(1).numpy()))
+    assert torch.equal(a.x_test, data.x_test)
+    assert hold_out_validation(data, 0.0, seed=3) is data
+
+
+def test_a_validation_set_that_leaves_nothing_to_train_on_is_refused():
+    data = load_digits()
+    tiny = type(data)(data.x_train[:2], data.y_train[:2], data.x_test, data.y_test, 10)
+    with pytest.raises(DataError, match="--val-fraction 0.1 of 2 training images leaves 1 to train on"):
+        hold_out_validation(tiny, 0.1, seed=0)

@@ -1,0 +1,75 @@
+"""The research toolkit on a real Ray: each new method for 2 rounds, the validation split
+choosing the best models, the final strong attack, and per-client robustness."""
+import json
+import os
+
+import pytest
+import torch
+
+from ray_fedat.checkpoints import load_model_file
+from ray_fedat.config import parse_config
+from ray_fedat.train import run
+
+pytestmark = pytest.mark.ray
+
+
+def train(tmp_path, name, *argv):
+    cfg = parse_config(["--dataset", "digits", "--storage-path", str(tmp_path), "--name", name, *argv])
+    summary = run(cfg)
+    run_dir = os.path.join(str(tmp_path), name)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return summary, records, run_dir
+
+
+@pytest.mark.parametrize("flags", [
+    ["--method", "mart", "--aggregator", "sfat", "--sfat-topk", "2"],
+    ["--method", "fgsm-rs", "--prox-mu", "0.05"],
+    ["--method", "calfat", "--calfat-scale", "paper", "--lr", "0.005"],  # s = 10 scales the gradients: lr / 10
+], ids=["mart+sfat", "fgsm-rs+fedprox", "calfat-s10"])
+def test_each_new_method_trains_two_rounds_on_two_workers(tmp_path, ray_session, flags):
+    summary, records, _ = train(tmp_path, "m", "--workers", "2", "--clients", "4", "--rounds", "2", *flags)
+    assert summary["status"] == "finished" and [r["round"] for r in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in records)
+    assert records[-1]["natural_acc"] > 0.3  # 10 classes: it learned something in 2 rounds
+    cfg = summary["config"]
+    assert (cfg["method"], cfg["aggregator"]) == (flags[1], "sfat" if "sfat" in flags else "fedavg")
+    if "paper" in flags:
+        assert cfg["calfat_scale"] == 10.0
+
+
+def test_best_models_are_chosen_on_validation_and_the_test_set_only_reports(tmp_path, ray_session):
+    summary, records, run_dir = train(tmp_path, "val", "--workers", "2", "--clients", "3", "--partition", "dirichlet",
+                                      "--rounds", "4", "--val-fraction", "0.2", "--final-attack", "pgd-100",
+                                      "--final-samples", "64")
+    assert summary["selection"]["chosen_on"] == "validation"
+    assert summary["selection"]["validation_images"] == round(0.2 * 1438)
+    assert sum(c["size"] for c in summary["clients"]) == 1438 - round(0.2 * 1438)  # held out before partitioning
+    for kind in ("natural", "robust"):
+        by_val = max(records, key=lambda r: (r[f"val_{kind}_acc"], -r["round"]))
+        best = summary["best"][kind]
+        assert best["round"] == by_val["round"] and best["chosen_on"] == "validation"
+        assert best[f"{kind}_acc"] == by_val[f"{kind}_acc"]  # the test number of the round validation chose
+        _, meta = load_model_file(os.path.join(run_dir, best["file"]))
+        assert meta["round"] == by_val["round"]
+    # the per-class test numbers add up, and each client's own-mix accuracy sits between the classes'
+    last = records[-1]
+    per_class = last["per_class"]
+    assert sum(per_class["images"]) == last["eval_images"]
+    rob = [a for a in per_class["robust"] if a is not None]
+    clients = summary["client_robustness"]
+    assert all(min(rob) - 1e-9 <= c["robust_acc"] <= max(rob) + 1e-9 for c in clients["clients"])
+    assert clients["robust"]["worst"] == min(c["robust_acc"] for c in clients["clients"])
+    # the final strong attack: PGD-100 is no weaker than the run's PGD-10 on the same 64 images
+    attack = summary["final_attack"]
+    assert attack["attack"] == "PGD-100" and attack["images"] == 64 and attack["yardstick"] == "PGD-10"
+    for r in attack["models"].values():
+        assert r["robust_acc"] <= r["yardstick_acc"] + 1 / 64 and r["robust_acc"] <= r["natural_acc"]
+
+
+def test_val_fraction_zero_chooses_on_test_and_says_so(tmp_path, ray_session, capsys):
+    summary, records, _ = train(tmp_path, "noval", "--workers", "1", "--rounds", "2", "--val-fraction", "0")
+    assert "--val-fraction 0: no validation set; the best models are chosen on the test set" in capsys.readouterr().out
+    assert summary["selection"]["chosen_on"] == "test"
+    assert "val_robust_acc" not in records[-1]
+    assert summary["best"]["robust"]["robust_acc"] == max(r["robust_acc"] for r in records)
