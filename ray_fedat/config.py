@@ -121,6 +121,9 @@ class RunConfig:
     eval_step_size: Optional[float] = None
     attack_start: Optional[str] = None
     eps_warmup_rounds: Optional[int] = None
+    late_attack_steps: Optional[int] = None  # None: the same training attack all run long
+    late_step_size: Optional[float] = None  # None: --step-size
+    late_attack_from: float = 0.5
     trades_beta: float = 6.0
     calfat_tau: float = 0.1
     calfat_scale: float = 1.0
@@ -238,6 +241,11 @@ class RunConfig:
              f"--attack-start {self.attack_start!r} is not one of {', '.join(ATTACK_STARTS)}")
         need(self.eval_step_size >= 0, f"--eval-step-size must be >= 0 (got {self.eval_step_size})")
         need(self.trades_beta >= 0, f"--trades-beta must be >= 0 (got {self.trades_beta})")
+        need(self.late_attack_steps is None or self.late_attack_steps >= 1,
+             f"--late-attack-steps must be >= 1 (got {self.late_attack_steps})")
+        need(self.late_step_size is None or self.late_step_size > 0,
+             f"--late-step-size must be > 0 (got {self.late_step_size})")
+        need(0 <= self.late_attack_from < 1, f"--late-attack-from must be in [0, 1) (got {self.late_attack_from})")
         need(self.mart_beta >= 0, f"--mart-beta must be >= 0 (got {self.mart_beta})")
         need(math.isfinite(self.calfat_scale) and self.calfat_scale > 0,
              f"--calfat-scale must be > 0 (got {self.calfat_scale})")
@@ -395,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PGD step size for robust evaluation; a fixed yardstick, independent of --step-size (per dataset)")
     g.add_argument("--eps-warmup-rounds", type=int, default=None,
                    help="ramp epsilon up linearly over the first N rounds; 0 = full epsilon from round 1 (per dataset)")
+    g.add_argument("--late-attack-steps", type=int, default=None,
+                   help="train against a stronger attack late in the run: this many steps (of --late-step-size) "
+                   "in the rounds after --late-attack-from of the planned rounds (default: off)")
+    g.add_argument("--late-step-size", type=parse_fraction, default=None, help="step of the late attack (default: --step-size)")
+    g.add_argument("--late-attack-from", type=float, default=d.late_attack_from,
+                   help="share of the planned rounds after which the late attack takes over")
     g.add_argument("--trades-beta", type=float, default=d.trades_beta, help="TRADES KL weight")
     g.add_argument("--calfat-tau", type=float, default=d.calfat_tau, help="CalFAT calibration strength: z + tau*log(class count)")
     g.add_argument("--calfat-scale", type=parse_scale, default=d.calfat_scale,

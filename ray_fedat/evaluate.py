@@ -1,7 +1,7 @@
 """Evaluate a saved model: `python -m ray_fedat.evaluate --checkpoint RUN_DIR/best_robust.pt`.
 
-Natural accuracy plus a white-box attack: PGD-k (CE loss, random start) or AutoAttack
-(the optional extra `ray-fedat[autoattack]`). The dataset and epsilon default to the
+Natural accuracy plus a white-box attack: PGD-k (CE loss, random start), AutoAttack's fast
+pair APGD-CE + APGD-T, or the standard AutoAttack (both from torchattacks, see final_eval.py). The dataset and epsilon default to the
 run's own settings (from the checkpoint or the summary.json beside it).
 """
 from __future__ import annotations
@@ -17,8 +17,9 @@ import torch
 
 from .checkpoints import load_model_file
 from .config import DATASET_DEFAULTS, ConfigError, RunConfig, _OneLineParser, parse_fraction
-from .data import load_dataset, to_float
+from .data import load_dataset
 from .evaluation import count_correct
+from .final_eval import ATTACK_NAMES, strong_robust_accuracy, torchattacks_missing
 from .precision import prepare_model
 from .models import build_model
 
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="python -m ray_fedat.evaluate", description=__doc__.splitlines()[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="best_natural.pt, best_robust.pt or final_model.pt of a run")
-    p.add_argument("--attack", choices=("pgd", "autoattack"), default="pgd", help="white-box attack")
+    p.add_argument("--attack", choices=("pgd", "apgd", "autoattack"), default="pgd",
+                   help="white-box attack (apgd = APGD-CE + APGD-T; apgd and autoattack need torchattacks)")
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default: the run's --eval-steps)")
     p.add_argument("--epsilon", type=parse_fraction, default=None, help="L-inf budget (default: the run's)")
     p.add_argument("--step-size", type=parse_fraction, default=None, help="PGD step size (default: the run's --eval-step-size)")
@@ -69,21 +71,6 @@ def run_config_for(meta: dict, checkpoint: str, args) -> RunConfig:
     return cfg
 
 
-def autoattack_accuracy(model, x_uint8, y, eps: float, num_classes: int, batch_size: int, seed: int, device) -> float:
-    try:
-        import torchattacks
-    except ImportError:
-        raise ConfigError("--attack autoattack needs the optional extra: pip install 'ray-fedat[autoattack]'") from None
-    attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes, seed=seed)
-    correct = 0
-    for start in range(0, len(y), batch_size):
-        x = to_float(x_uint8[start:start + batch_size]).to(device)
-        t = y[start:start + batch_size].to(device)
-        with torch.no_grad():
-            correct += (model(attack(x, t)).argmax(1) == t).sum().item()
-    return correct / len(y)
-
-
 def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     state_dict, meta = load_model_file(args.checkpoint)
@@ -111,8 +98,12 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
     if args.attack == "pgd":
         result.update(attack=f"PGD-{cfg.eval_steps}", step_size=cfg.eval_step_size, robust_acc=robust / n)
     else:
-        result.update(attack="AutoAttack (standard)", robust_acc=autoattack_accuracy(
-            model, x, y, cfg.epsilon, data.num_classes, args.batch_size, args.seed, device))
+        missing = torchattacks_missing(args.attack)
+        if missing:
+            raise ConfigError(missing.replace("--final-attack", "--attack"))
+        result.update(attack=ATTACK_NAMES[args.attack], robust_acc=strong_robust_accuracy(
+            model, x, y, args.attack, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
+            num_classes=data.num_classes, batch_size=args.batch_size, seed=args.seed, device=device))
     result["seconds"] = time.time() - started
     output = args.output or args.checkpoint + ".eval.json"
     with open(output, "w") as f:

@@ -25,6 +25,12 @@ def epsilon_at(round_: int, epsilon: float, warmup_rounds: int) -> float:
     return epsilon * min(1.0, round_ / (warmup_rounds + 1))
 
 
+def late_phase(round_: int, total_rounds: int, late_from: float) -> bool:
+    """Whether `round_` is in the last part of the run that trains against the stronger
+    attack: the rounds after late_from * total_rounds."""
+    return round_ > late_from * total_rounds
+
+
 def plan_rounds(done_rounds: int, seconds_left: float, seconds_per_round: float, reserve_s: float,
                 max_rounds: int) -> int:
     """How many rounds in total fit: the rounds done plus as many more as the time left

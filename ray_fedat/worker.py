@@ -37,7 +37,7 @@ from .federation import ClientUpdates, assign_clients, generator_for, sample_cli
 from .models import build_model
 from .monitoring import worker_round_line
 from .precision import configure_backends, prepare_model, resolve_precision
-from .schedule import epsilon_at, eval_interval, lr_at, plan_rounds
+from .schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds
 from .storage import RankStorage, sees_marker, storage_rank
 
 def label_digest(labels) -> str:
@@ -207,14 +207,19 @@ def train_loop_per_worker(payload: dict) -> None:
     not_evaluated = {"natural_acc": None, "robust_acc": None, "eval_images": 0,
                      **({"val_natural_acc": None, "val_robust_acc": None} if val_set is not None else {})}
 
-    round_, last_report_s = first_round, 0.0
+    round_, last_report_s, late = first_round, 0.0, False
     while round_ <= planner.total_rounds:
         started_at = time.time()
         t0 = time.perf_counter()
         total_rounds = planner.total_rounds
         epsilon = epsilon_at(round_, cfg.epsilon, cfg.eps_warmup_rounds)
+        # The stronger late attack, once it starts, stays (a re-plan never takes it back).
+        late = late or (cfg.late_attack_steps is not None and late_phase(round_, total_rounds, cfg.late_attack_from))
+        steps, step_size = ((cfg.late_attack_steps, cfg.late_step_size or cfg.step_size) if late
+                            else (cfg.attack_steps, cfg.step_size))
         round_cfg = dataclasses.replace(local_cfg, lr=lr_at(round_, total_rounds, cfg.lr, cfg.lr_schedule),
-                                        epsilon=epsilon, step_size=cfg.step_size * epsilon / max(cfg.epsilon, 1e-12))
+                                        epsilon=epsilon, attack_steps=steps,
+                                        step_size=step_size * epsilon / max(cfg.epsilon, 1e-12))
         participants = set(sample_clients(cfg.clients, cfg.client_fraction, cfg.seed, round_))
         mine = [c for c in my_clients if c in participants]
         updates = ClientUpdates(cfg.aggregator, global_vec.numel(), len(mine), device)
@@ -259,6 +264,7 @@ def train_loop_per_worker(payload: dict) -> None:
             "eval_every": eval_every,
             "lr": round_cfg.lr,
             "epsilon": epsilon,
+            "attack_steps": steps,
             "resumed_from": first_round,  # 1, or the round this worker group restarted at
             "round_s": t_eval - t0,
             "started_at": started_at,  # wall clock: the gaps between rounds are the framework's overhead

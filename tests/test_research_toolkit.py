@@ -41,7 +41,8 @@ def test_each_new_method_trains_two_rounds_on_two_workers(tmp_path, ray_session,
 def test_best_models_are_chosen_on_validation_and_the_test_set_only_reports(tmp_path, ray_session):
     summary, records, run_dir = train(tmp_path, "val", "--workers", "2", "--clients", "3", "--partition", "dirichlet",
                                       "--rounds", "4", "--val-fraction", "0.2", "--final-attack", "pgd-100",
-                                      "--final-samples", "64")
+                                      "--final-samples", "64", "--late-attack-steps", "7", "--late-attack-from", "0.5")
+    assert [r["attack_steps"] for r in records] == [5, 5, 7, 7]  # digits' 5 steps, then the late attack
     assert summary["selection"]["chosen_on"] == "validation"
     assert summary["selection"]["validation_images"] == round(0.2 * 1438)
     assert sum(c["size"] for c in summary["clients"]) == 1438 - round(0.2 * 1438)  # held out before partitioning

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ray_fedat.schedule import epsilon_at, eval_interval, lr_at, plan_rounds
+from ray_fedat.schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds
 
 
 def test_cosine_lr_starts_at_base_and_decays_monotonically():
@@ -16,6 +16,12 @@ def test_cosine_lr_starts_at_base_and_decays_monotonically():
 def test_epsilon_warms_up_linearly_then_stays():
     assert [epsilon_at(r, 0.3, 2) for r in range(1, 6)] == pytest.approx([0.1, 0.2, 0.3, 0.3, 0.3])
     assert epsilon_at(1, 0.3, 0) == 0.3
+
+
+def test_late_phase_is_the_rounds_after_its_share_of_the_plan():
+    assert [late_phase(r, 10, 0.5) for r in range(1, 11)] == [False] * 5 + [True] * 5
+    assert [late_phase(r, 10, 0.0) for r in (1, 10)] == [True, True]
+    assert not late_phase(7, 10, 0.7) and late_phase(8, 10, 0.7)
 
 
 def test_plan_rounds_fits_the_time_left():
