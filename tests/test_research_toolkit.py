@@ -1,25 +1,14 @@
 """The research toolkit on a real Ray: each new method for 2 rounds, the validation split
 choosing the best models, the final strong attack, and per-client robustness."""
-import json
 import os
 
 import pytest
 import torch
+from test_ray_training import train  # the same digits run helper
 
 from ray_fedat.checkpoints import load_model_file
-from ray_fedat.config import parse_config
-from ray_fedat.train import run
 
 pytestmark = pytest.mark.ray
-
-
-def train(tmp_path, name, *argv):
-    cfg = parse_config(["--dataset", "digits", "--storage-path", str(tmp_path), "--name", name, *argv])
-    summary = run(cfg)
-    run_dir = os.path.join(str(tmp_path), name)
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return summary, records, run_dir
 
 
 @pytest.mark.parametrize("flags", [
@@ -28,7 +17,8 @@ def train(tmp_path, name, *argv):
     ["--method", "calfat", "--calfat-scale", "paper", "--lr", "0.005"],  # s = 10 scales the gradients: lr / 10
 ], ids=["mart+sfat", "fgsm-rs+fedprox", "calfat-s10"])
 def test_each_new_method_trains_two_rounds_on_two_workers(tmp_path, ray_session, flags):
-    summary, records, _ = train(tmp_path, "m", "--workers", "2", "--clients", "4", "--rounds", "2", *flags)
+    summary, records, _ = train(tmp_path, "m", "--workers", "2", "--clients", "4", "--rounds", "2",
+                                "--eval-samples", "150", *flags)
     assert summary["status"] == "finished" and [r["round"] for r in records] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in records)
     assert records[-1]["natural_acc"] > 0.3  # 10 classes: it learned something in 2 rounds
