@@ -1,14 +1,14 @@
 """The MNIST default recipe judged by strong attacks: PGD-100 on all 2k test images, and
 AutoAttack's APGD-CE + APGD-T on a subset (so that a gain is not gradient masking).
 
-    python benchmarks/recipe_pgd100.py [--budget 540] [--only 0 1] [--apgd-samples 200]
+    python benchmarks/recipe_pgd100.py [--budget 540] [--only 0 1] [--apgd-samples 100]
 
 Real MNIST 8k/2k (../shared/data/mnist-t10k), 2 workers x 1 IID client, --time-budget
 BUDGET, our MNIST defaults (10% of the training images held out for choosing the best
 models) with the variants below. Each run's final model is scored by --final-attack pgd-100
 (natural, PGD-20 and PGD-100 at step 0.01 on the same 2k images), then by
 `python -m ray_fedat.evaluate --attack apgd` on the first --apgd-samples test images.
-Takes about len(variants) x (BUDGET + 150) seconds on this 2-core machine.
+Takes about len(variants) x (BUDGET + 420) seconds on this 2-core machine.
 """
 import argparse
 import json
@@ -44,7 +44,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=540.0, help="seconds per run")
     parser.add_argument("--only", type=int, nargs="*", help="run only these variants (default: all)")
-    parser.add_argument("--apgd-samples", type=int, default=200)
+    parser.add_argument("--apgd-samples", type=int, default=100)
     parser.add_argument("--out", default=None, help="where runs go (default: a temp dir)")
     args = parser.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="recipe_")
