@@ -427,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", type=int, default=None,
                    help="evaluate the global model every N rounds and at the last (default: every round; with "
                    "--time-budget, as often as keeps evaluation under a fifth of the time)")
-    g.add_argument("--eval-samples", type=int, default=None, help="evaluate on the first N test images and the first N validation images (default: all)")
+    g.add_argument("--eval-samples", type=int, default=None,
+                   help="evaluate on the first N test images and the first N validation images (default: all)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="smallcnn, lenet, resnet18, mlp (per dataset)")
