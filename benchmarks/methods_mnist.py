@@ -54,7 +54,11 @@ def main():
         for i, (label, extra) in enumerate(METHODS):
             if args.only and not any(label.lower().startswith(o.lower()) for o in args.only):
                 continue
-            s = run_cli(common + extra, out, f"m{i}", log)
+            try:
+                s = run_cli(common + extra, out, f"m{i}", log)
+            except SystemExit as e:  # e.g. the loss became NaN: a row of the table too
+                print(f"| {label} | failed: {e} | | | | |", flush=True)
+                continue
             final = s["final_attack"]["models"]["final"]  # natural, PGD-20 and PGD-100 on the same 1000 images
             worst = s["client_robustness"]["robust"]["worst"]
             print(f"| {label} | {100 * final['natural_acc']:.1f}% | {100 * final['yardstick_acc']:.1f}% | "
