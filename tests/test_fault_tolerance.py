@@ -75,12 +75,13 @@ def test_retention_and_best_robust_model(tmp_path, ray_session):
     summary, records, run_dir = train(tmp_path, "keep", "--rounds", "5", "--keep-checkpoints", "2")
     checkpoints = [d for d in os.listdir(run_dir) if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, d))]
     assert 1 <= len(checkpoints) <= 2
-    best = max(records, key=lambda r: (r["robust_acc"], -r["round"]))
+    # chosen on the validation split (the default --val-fraction 0.1), first round on ties
+    best = max(records, key=lambda r: (r["val_robust_acc"], -r["round"]))
     saved = torch.load(os.path.join(run_dir, "best_robust.pt"), weights_only=True)
     assert saved["round"] == best["round"] == summary["best"]["robust"]["round"]
-    assert saved["metrics"]["robust_acc"] == best["robust_acc"]
+    assert saved["metrics"]["val_robust_acc"] == best["val_robust_acc"]
     best_nat = torch.load(os.path.join(run_dir, "best_natural.pt"), weights_only=True)
-    assert best_nat["metrics"]["natural_acc"] == max(r["natural_acc"] for r in records)
+    assert best_nat["metrics"]["val_natural_acc"] == max(r["val_natural_acc"] for r in records)
 
 
 @pytest.mark.parametrize("make_bad", [

@@ -191,6 +191,6 @@ def test_npz_on_nodes_real_mnist_two_workers(tmp_path, ray_session, mnist_npz):
                                       "--data-on", "nodes", "--model", "mlp", "--method", "pgd", "--rounds", "1",
                                       "--eval-samples", "400", "--attack-steps", "3", "--eval-steps", "5",
                                       "--epsilon", "0.1", "--step-size", "0.03", "--lr", "0.05")
-    assert summary["config"]["dataset"] == "npz" and sum(c["size"] for c in summary["clients"]) == 8000
-    assert records[-1]["eval_images"] == 400
+    assert summary["config"]["dataset"] == "npz" and sum(c["size"] for c in summary["clients"]) == 8000 - 800  # 10% validation
+    assert records[-1]["eval_images"] == 400 and records[-1]["val_images"] == 400  # each node split alike
     assert 0.4 < records[-1]["natural_acc"] and records[-1]["robust_acc"] <= records[-1]["natural_acc"]
