@@ -322,8 +322,8 @@ def client_robustness(record: Optional[dict], counts) -> Optional[dict]:
 
 def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[str], final_round: Optional[int],
                      use_gpu: bool) -> Optional[dict]:
-    """--final-attack on final_model.pt and best_robust.pt, as one Ray task with a training
-    worker's resources. Never fails the run: a problem is reported in the result."""
+    """--final-attack on final_model.pt and best_robust.pt, one Ray task per model with a
+    training worker's resources. Never fails the run: a problem is reported in the result."""
     import ray
 
     from .checkpoints import load_model_file
@@ -335,9 +335,10 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
               for name, f in files.items() if f and os.path.isfile(os.path.join(run_dir, f))}
     if not loaded:
         return None
-    rounds = {name: meta.get("round") for name, (_, meta) in loaded.items()}
-    if rounds.get("best_robust") is not None and rounds.get("best_robust") == final_round and "final" in loaded:
-        del loaded["best_robust"]  # the same model: attack it once
+    best_round = loaded["best_robust"][1].get("round") if "best_robust" in loaded else None
+    same_model = "final" in loaded and best_round is not None and best_round == final_round
+    if same_model:
+        del loaded["best_robust"]  # attack it once
     states = {name: state for name, (state, _) in loaded.items()}
     x, y = data.x_test, data.y_test
     if cfg.final_samples:
@@ -353,7 +354,7 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
         results = {name: r for part in ray.get(refs) for name, r in part.items()}
     except Exception as e:  # noqa: BLE001 - the trained models are kept whatever happens here
         return {"attack": ATTACK_NAMES[cfg.final_attack], "error": root_cause(e)}
-    if "best_robust" not in results and "final" in results and rounds.get("best_robust") == final_round:
+    if same_model:
         results["best_robust"] = results["final"]
     return {"attack": ATTACK_NAMES[cfg.final_attack], "yardstick": yardstick, "images": len(y),
             "epsilon": cfg.epsilon, "models": results, "seconds": time.time() - started,
