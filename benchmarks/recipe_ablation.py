@@ -8,9 +8,12 @@ Real MNIST 8k/2k split (as mnist_real.py), K IID clients (default 2) trained one
 other on one CPU thread from the global model and averaged (FedAvg) after every local
 epoch: the same arithmetic as a ray_fedat round, at the cost of one core, so two recipes
 can be compared side by side on a 2-core machine. The eps warm-up (2 epochs) and the cosine
-lr decay follow the CLI. Natural and PGD-20 (eps 0.3, step 0.01) accuracy on the first
---eval-images test images every 3 epochs and at the end, with the training seconds so far
-(evaluation not counted).
+lr decay follow the CLI. Natural and PGD-20 (eps 0.3, step --eval-step-size, default 0.0375:
+20 x 0.0375 = 2.5 eps) accuracy on the first --eval-images test images every 3 epochs and at
+the end, with the training seconds so far (evaluation not counted); then the final model
+under the product's final attack (APGD-CE + APGD-T by default, the AutoAttack authors' code)
+on the first --final-images test images, with the yardstick on the same images, as one
+markdown row.
 """
 import argparse
 import os
@@ -27,6 +30,8 @@ from common import mnist_8k_2k_npz  # noqa: E402
 from ray_fedat.aggregation import fedavg, flatten_state, unflatten_state  # noqa: E402
 from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client  # noqa: E402
 from ray_fedat.evaluation import count_correct  # noqa: E402
+from ray_fedat.final_eval import attack_counts  # noqa: E402
+from ray_fedat.precision import prepare_model  # noqa: E402
 from ray_fedat.federation import generator_for  # noqa: E402
 from ray_fedat.models import build_model  # noqa: E402
 from ray_fedat.schedule import epsilon_at, lr_at  # noqa: E402
@@ -36,7 +41,7 @@ EPSILON = 0.3
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--method", default="calfat", choices=("calfat", "trades", "pgd", "natural"))
+    p.add_argument("--method", default="calfat", choices=("calfat", "trades", "pgd", "mart", "fgsm-rs", "natural"))
     p.add_argument("--attack-steps", type=int, default=3)
     p.add_argument("--step-size", type=float, default=0.1)
     p.add_argument("--attack-start", default="uniform", choices=("gaussian", "uniform"))
@@ -47,6 +52,14 @@ def main():
     p.add_argument("--model", default="smallcnn")
     p.add_argument("--eval-images", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="training forwards")
+    p.add_argument("--eval-step-size", type=float, default=0.0375)
+    p.add_argument("--trades-beta", type=float, default=6.0)
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (averaging interval)")
+    p.add_argument("--warmup", type=int, default=2, help="eps warm-up rounds")
+    p.add_argument("--final-attack", default="apgd", choices=("apgd", "pgd-100", "autoattack"))
+    p.add_argument("--final-images", type=int, default=500)
+    p.add_argument("--label", default="", help="the row's name")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -60,16 +73,17 @@ def main():
         shards.append(ClientShard(cid, x[idx], ys, torch.bincount(ys, minlength=10).float()))
 
     torch.manual_seed(0)
-    model = build_model(args.model, (1, 28, 28), 10)
+    model = prepare_model(build_model(args.model, (1, 28, 28), 10), torch.device("cpu"), args.precision)
     global_vec, spec = flatten_state(model.state_dict())
     print(f"{vars(args)}", flush=True)
     train_s = 0.0
     for epoch in range(1, args.epochs + 1):
         started = time.perf_counter()
-        eps = epsilon_at(epoch, EPSILON, 2)
-        cfg = LocalTrainingConfig(args.method, 1, args.batch_size, lr_at(epoch, args.epochs, args.lr, "cosine"), 0.9,
-                                  2e-4, eps, args.step_size * eps / EPSILON, args.attack_steps, 6.0, 0.1, False,
-                                  args.attack_start)
+        eps = epsilon_at(epoch, EPSILON, args.warmup)
+        cfg = LocalTrainingConfig(args.method, args.local_epochs, args.batch_size,
+                                  lr_at(epoch, args.epochs, args.lr, "cosine"), 0.9, 2e-4, eps,
+                                  args.step_size * eps / EPSILON, args.attack_steps, args.trades_beta, 0.1, False,
+                                  args.attack_start, args.precision)
         vectors = []
         for shard in shards:
             model.load_state_dict(unflatten_state(global_vec, spec))
@@ -80,10 +94,18 @@ def main():
         train_s += time.perf_counter() - started
         line = f"epoch {epoch:>2}  train {train_s:6.1f} s  loss {loss:.3f}"
         if epoch % 3 == 0 or epoch == args.epochs:
-            n, natural, robust = count_correct(model, x_test, y_test, epsilon=EPSILON, step_size=0.01, steps=20,
+            n, natural, robust = count_correct(model, x_test, y_test, epsilon=EPSILON, step_size=args.eval_step_size, steps=20,
                                                batch_size=250, seed=0, round_=epoch).tolist()
             line += f"  natural {100 * natural / n:5.1f}%  PGD-20 {100 * robust / n:5.1f}%"
         print(line, flush=True)
+    started = time.perf_counter()
+    final = attack_counts(model, x_test[: args.final_images], y_test[: args.final_images], args.final_attack,
+                          epsilon=EPSILON, step_size=args.eval_step_size, yardstick_steps=20, num_classes=10,
+                          batch_size=250, seed=0)
+    n, natural, yardstick, strong = final["counts"].tolist()
+    print(f"final attack {time.perf_counter() - started:.0f} s; checks: {final['checks']}")
+    print(f"| {args.label or vars(args)} | {args.epochs} | {train_s:.0f} | {100 * natural / n:.1f}% | "
+          f"{100 * yardstick / n:.1f}% | {100 * strong / n:.1f}% ({args.final_attack}, {int(n)}) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Evaluate a saved model: `python -m ray_fedat.evaluate --checkpoint RUN_DIR/best_robust.pt`.
 
-Natural accuracy plus a white-box attack: PGD-k (CE loss, random start), AutoAttack's fast
-pair APGD-CE + APGD-T, or the standard AutoAttack (both from torchattacks, see final_eval.py). The dataset and epsilon default to the
-run's own settings (from the checkpoint or the summary.json beside it).
+Natural accuracy plus a white-box attack: PGD-k (CE loss, random start), APGD-CE + APGD-T
+with AutoAttack's settings, or the standard AutoAttack (both from the AutoAttack authors' code,
+see final_eval.py). The dataset and epsilon default to the run's own settings (from the
+checkpoint or the summary.json beside it).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .checkpoints import load_model_file
 from .config import DATASET_DEFAULTS, ConfigError, RunConfig, _OneLineParser, parse_fraction
 from .data import load_dataset
 from .evaluation import count_correct
-from .final_eval import ATTACK_NAMES, strong_robust_accuracy, torchattacks_missing
+from .final_eval import ATTACK_NAMES, attack_counts
 from .precision import prepare_model
 from .models import build_model
 
@@ -28,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="python -m ray_fedat.evaluate", description=__doc__.splitlines()[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="best_natural.pt, best_robust.pt or final_model.pt of a run")
-    p.add_argument("--attack", choices=("pgd", "apgd", "autoattack"), default="pgd",
-                   help="white-box attack (apgd = APGD-CE + APGD-T; apgd and autoattack need torchattacks)")
+    p.add_argument("--attack", choices=("pgd", *ATTACK_NAMES), default="pgd",
+                   help="white-box attack: pgd (--steps), pgd-100, apgd (APGD-CE + APGD-T) or autoattack (standard)")
     p.add_argument("--steps", type=int, default=None, help="PGD steps (default: the run's --eval-steps)")
     p.add_argument("--epsilon", type=parse_fraction, default=None, help="L-inf budget (default: the run's)")
     p.add_argument("--step-size", type=parse_fraction, default=None, help="PGD step size (default: the run's --eval-step-size)")
@@ -98,12 +99,12 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
     if args.attack == "pgd":
         result.update(attack=f"PGD-{cfg.eval_steps}", step_size=cfg.eval_step_size, robust_acc=robust / n)
     else:
-        missing = torchattacks_missing(args.attack)
-        if missing:
-            raise ConfigError(missing.replace("--final-attack", "--attack"))
-        result.update(attack=ATTACK_NAMES[args.attack], robust_acc=strong_robust_accuracy(
-            model, x, y, args.attack, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
-            num_classes=data.num_classes, batch_size=args.batch_size, seed=args.seed, device=device))
+        shard = attack_counts(model, x, y, args.attack, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
+                              yardstick_steps=cfg.eval_steps, num_classes=data.num_classes,
+                              batch_size=args.batch_size, seed=args.seed, device=device)
+        _, _, yardstick, strong = shard["counts"].tolist()
+        result.update(attack=ATTACK_NAMES[args.attack], robust_acc=strong / n,
+                      yardstick=f"PGD-{cfg.eval_steps}", yardstick_acc=yardstick / n, checks=shard["checks"])
     result["seconds"] = time.time() - started
     output = args.output or args.checkpoint + ".eval.json"
     with open(output, "w") as f:
