@@ -118,21 +118,23 @@ def draw_curves(run_dir: str, records: List[Dict[str, Any]], title: str) -> None
 def best_rounds(records: List[Dict[str, Any]]) -> Dict[str, Optional[Dict[str, Any]]]:
     """Best natural and best robust model with their rounds (first round wins ties), chosen
     as the workers chose them: on validation accuracy when the run has a validation set,
-    else on test accuracy. natural_acc / robust_acc are always the test numbers."""
+    else on test accuracy. natural_acc / robust_acc are always the test numbers (None for a
+    round the test set was not scored at)."""
     out: Dict[str, Optional[Dict[str, Any]]] = {}
     for kind in ("natural", "robust"):
-        scored = [r for r in records if r.get(f"{kind}_acc") is not None]
+        def score(r: Dict[str, Any]) -> Optional[float]:
+            return r.get(f"val_{kind}_acc") if r.get("chosen_on") == "val" else r.get(f"{kind}_acc")
 
-        def score(r: Dict[str, Any]) -> float:
-            return r[f"val_{kind}_acc"] if r.get("chosen_on") == "val" else r[f"{kind}_acc"]
+        # A round scored on validation only (--test-every) still competes; its test numbers are None.
+        scored = [r for r in records if score(r) is not None]
 
         top = max(scored, key=lambda r: (score(r), -r["round"]), default=None)
         if top is None:
             out[kind] = None
             continue
         on_val = top.get("chosen_on") == "val"
-        out[kind] = {"round": top["round"], f"{kind}_acc": top[f"{kind}_acc"], "natural_acc": top["natural_acc"],
-                     "robust_acc": top["robust_acc"], "chosen_on": "validation" if on_val else "test",
+        out[kind] = {"round": top["round"], f"{kind}_acc": top.get(f"{kind}_acc"),
+                     "natural_acc": top.get("natural_acc"), "robust_acc": top.get("robust_acc"), "chosen_on": "validation" if on_val else "test",
                      "file": BEST_FILES[kind]}
         if on_val:
             out[kind].update(val_natural_acc=top["val_natural_acc"], val_robust_acc=top["val_robust_acc"])

@@ -175,7 +175,8 @@ def build_payload(cfg: RunConfig, data, parts, counts, use_gpu: bool) -> dict:
 
 
 def format_round(record: dict, total_rounds: Optional[int], started: float, rounds_before: int = 0) -> str:
-    """`round 3/10  nat 97.1%  rob 81.4%  loss 0.42   12.3 s  ETA 4m10s` (total None: not planned yet)."""
+    """`round 3/10  nat 97.1%  rob 81.4%  loss 0.42   12.3 s  ETA 4m10s` (total None: not planned yet);
+    a round scored on validation only shows `val nat ... val rob ...`."""
     def pct(v):
         return "   -  " if v is None else f"{100 * v:5.1f}%"
 
@@ -183,8 +184,12 @@ def format_round(record: dict, total_rounds: Optional[int], started: float, roun
     if total_rounds is not None:
         seconds = (time.time() - started) / max(record["round"] - rounds_before, 1) * (total_rounds - record["round"])
         eta = f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-    return (f"round {record['round']:>3}/{total_rounds or '?'}  nat {pct(record['natural_acc'])}  "
-            f"rob {pct(record['robust_acc'])}  loss {record['train_loss']:.3f}  {record['round_s']:5.1f} s  ETA {eta}")
+    if record.get("natural_acc") is None and record.get("val_natural_acc") is not None:
+        scores = f"val nat {pct(record['val_natural_acc'])}  val rob {pct(record['val_robust_acc'])}"
+    else:
+        scores = f"nat {pct(record['natural_acc'])}  rob {pct(record['robust_acc'])}"
+    return (f"round {record['round']:>3}/{total_rounds or '?'}  {scores}  loss {record['train_loss']:.3f}  "
+            f"{record['round_s']:5.1f} s  ETA {eta}")
 
 
 def print_new_rounds(run_dir: str, printed: int, total_rounds: int, started: float, rounds_before: int) -> int:
@@ -277,6 +282,7 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
         "selection": selection(cfg, val_images),
         "client_robustness": client_robustness(evaluated[-1] if evaluated else None, counts),
         "final_attack": final_attack,
+        "headline": headline_numbers(final_attack),
         "final_model": final_model,
         "wall_s": wall_s,
         "workers": workers,
@@ -291,6 +297,18 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
         }
     atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
     return summary
+
+
+def headline_numbers(final_attack: Optional[dict]) -> Optional[dict]:
+    """The run's headline: the final model's accuracy under the final strong attack."""
+    from .final_eval import headline
+
+    text = headline(final_attack)
+    if text is None:
+        return None
+    r = final_attack["models"]["final"]
+    return {"natural_acc": r["natural_acc"], "robust_acc": r["robust_acc"], "attack": final_attack["attack"],
+            "images": r["images"], "epsilon": final_attack["epsilon"], "text": text}
 
 
 def selection(cfg: RunConfig, val_images: int) -> dict:
@@ -320,14 +338,17 @@ def client_robustness(record: Optional[dict], counts) -> Optional[dict]:
             "natural": worst_and_bottom(natural), "robust": worst_and_bottom(robust)}
 
 
-def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[str], final_round: Optional[int],
-                     use_gpu: bool) -> Optional[dict]:
-    """--final-attack on final_model.pt and best_robust.pt, one Ray task per model with a
-    training worker's resources. Never fails the run: a problem is reported in the result."""
+def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[str], records: List[dict],
+                     use_gpu: bool, seconds: Optional[float]) -> Optional[dict]:
+    """--final-attack on final_model.pt and best_robust.pt (once when they are the same round),
+    split over one Ray task per worker, each with a worker's resources, the way per-round
+    evaluation is split. `seconds`: the time the default --final-samples may take. Never fails
+    the run: a problem is reported in the result."""
     import ray
 
     from .checkpoints import load_model_file
-    from .final_eval import ATTACK_NAMES, evaluate_models, weak_yardstick_warning
+    from .final_eval import (ATTACK_NAMES, attack_shard, combine_shards, default_samples, pass_seconds,
+                             weak_yardstick_warning)
     from .recorder import BEST_FILES
 
     files = {"final": final_model, "best_robust": BEST_FILES["robust"]}
@@ -335,30 +356,96 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
               for name, f in files.items() if f and os.path.isfile(os.path.join(run_dir, f))}
     if not loaded:
         return None
+    final_round = records[-1]["round"] if records else None
     best_round = loaded["best_robust"][1].get("round") if "best_robust" in loaded else None
     same_model = "final" in loaded and best_round is not None and best_round == final_round
     if same_model:
         del loaded["best_robust"]  # attack it once
     states = {name: state for name, (state, _) in loaded.items()}
-    x, y = data.x_test, data.y_test
-    if cfg.final_samples:
-        x, y = x[: cfg.final_samples], y[: cfg.final_samples]
+    samples, how = final_samples(cfg, records, len(data.y_test), len(states), seconds)
+    x, y = data.x_test[:samples], data.y_test[:samples]
     yardstick = f"PGD-{cfg.eval_steps}"
-    print(f"ray_fedat: attacking {' and '.join(states)} with {ATTACK_NAMES[cfg.final_attack]} on {len(y)} test images")
-    task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_retries=0)(evaluate_models)
+    print(f"ray_fedat: final attack: {ATTACK_NAMES[cfg.final_attack]} on {' and '.join(states)} model, "
+          f"{samples} of {len(data.y_test)} test images ({how}), split over {cfg.workers} worker(s)", flush=True)
+    task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_retries=0,
+                      scheduling_strategy="SPREAD")(attack_shard)
     started = time.time()
-    try:  # one task per model: they run side by side where the cluster has room
-        refs = [task.remote({name: state}, cfg.model, data.shape, data.num_classes, x, y, cfg.final_attack,
-                            cfg.epsilon, cfg.eval_step_size, cfg.eval_steps, cfg.eval_batch_size, cfg.seed, use_gpu)
-                for name, state in states.items()]
-        results = {name: r for part in ray.get(refs) for name, r in part.items()}
+    try:
+        states_ref, x_ref, y_ref = ray.put(states), ray.put(x), ray.put(y)
+        refs = [task.remote(states_ref, cfg.model, data.shape, data.num_classes, x_ref, y_ref, cfg.final_attack,
+                            cfg.epsilon, cfg.eval_step_size, cfg.eval_steps, cfg.eval_batch_size, cfg.seed,
+                            rank, cfg.workers, use_gpu, cfg.cpus_per_worker)
+                for rank in range(cfg.workers)]
+        results = combine_shards(ray.get(refs))
     except Exception as e:  # noqa: BLE001 - the trained models are kept whatever happens here
         return {"attack": ATTACK_NAMES[cfg.final_attack], "error": root_cause(e)}
     if same_model:
         results["best_robust"] = results["final"]
-    return {"attack": ATTACK_NAMES[cfg.final_attack], "yardstick": yardstick, "images": len(y),
-            "epsilon": cfg.epsilon, "models": results, "seconds": time.time() - started,
-            "warning": weak_yardstick_warning(results, cfg.final_attack, yardstick)}
+    return {"attack": ATTACK_NAMES[cfg.final_attack], "name": cfg.final_attack, "yardstick": yardstick,
+            "images": samples, "test_images": len(data.y_test), "workers": cfg.workers, "samples_chosen": how,
+            "epsilon": cfg.epsilon,
+            "rounds": {"final": final_round, "best_robust": best_round}, "models": results,
+            "seconds": time.time() - started, "warning": weak_yardstick_warning(results, cfg.final_attack, yardstick)}
+
+
+def training_share(cfg: RunConfig) -> float:
+    """The share of a --time-budget the rounds may use: the rest is the final attack's."""
+    from .final_eval import FINAL_ATTACK_SHARE
+
+    return 1.0 if cfg.final_attack == "none" else 1.0 - FINAL_ATTACK_SHARE
+
+
+def final_attack_seconds(cfg: RunConfig, launched: float) -> float:
+    """The time the final attack may take: what is left of a --time-budget (less a few
+    seconds to write the results and stop Ray), else FINAL_ATTACK_SHARE of the whole run."""
+    from .final_eval import FINAL_ATTACK_SHARE
+
+    if cfg.time_budget:
+        return max(0.0, launched + cfg.time_budget - time.time() - 3.0)
+    return FINAL_ATTACK_SHARE / (1 - FINAL_ATTACK_SHARE) * (time.time() - launched)
+
+
+def record_final_attack(run_dir: str, final_attack: dict) -> None:
+    """The headline numbers into the last round's line of metrics.jsonl and into TensorBoard
+    (tag final_attack/<model>_robust_acc at that round)."""
+    from .recorder import METRICS_FILE, atomic_write_text, read_metrics
+
+    records = read_metrics(run_dir)
+    if not records:
+        return
+    last = records[-1]
+    last["final_attack"] = {"attack": final_attack["attack"], "images": final_attack["images"],
+                            **{f"{name}_{k}": r[k] for name, r in final_attack["models"].items()
+                               for k in ("natural_acc", "robust_acc")}}
+    atomic_write_text(os.path.join(run_dir, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in records))
+    try:
+        from tensorboardX import SummaryWriter
+
+        with SummaryWriter(logdir=run_dir) as writer:
+            for name, r in final_attack["models"].items():
+                writer.add_scalar(f"final_attack/{name}_robust_acc", r["robust_acc"], last["round"])
+                writer.add_text("final_attack", f"{final_attack['attack']}, {final_attack['images']} test images, "
+                                f"eps {final_attack['epsilon']:.4g}", last["round"])
+    except Exception as e:  # noqa: BLE001 - a viewer's file, never worth the results
+        print(f"ray_fedat: could not write the final attack to TensorBoard: {e}")
+
+
+def final_samples(cfg: RunConfig, records: List[dict], test_images: int, models: int,
+                  seconds: Optional[float]) -> tuple:
+    """(images to attack, how they were chosen): --final-samples, else as many as the attack can
+    take in `seconds` at the pace of the last evaluation (final_eval.default_samples)."""
+    from .final_eval import default_samples, pass_seconds
+
+    if cfg.final_samples:
+        return min(cfg.final_samples, test_images), "--final-samples"
+    evaluated = [r for r in records if r.get("eval_s") and r.get("natural_acc") is not None]
+    pace = pass_seconds(evaluated[-1], cfg.workers, cfg.eval_steps) if evaluated else None
+    if pace is None or seconds is None:
+        return test_images, "all"
+    last = evaluated[-1]
+    n = default_samples(test_images, seconds, cfg.workers, pace, last["natural_acc"], last["robust_acc"],
+                        cfg.final_attack, models, cfg.eval_steps)
+    return n, "all" if n == test_images else f"as many as fit in ~{seconds:.0f} s; --final-samples N to choose"
 
 
 def run(cfg: RunConfig) -> dict:
@@ -423,7 +510,7 @@ def run(cfg: RunConfig) -> dict:
         payload = build_payload(cfg, data, parts, counts, use_gpu)
         payload["storage"] = storage
         if cfg.time_budget:  # the workers plan their rounds to end before this wall-clock time
-            payload["deadline"] = launched + cfg.time_budget
+            payload["deadline"] = launched + training_share(cfg) * cfg.time_budget
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=payload,
@@ -457,8 +544,10 @@ def run(cfg: RunConfig) -> dict:
         if cfg.final_attack != "none" and status == "finished":
             write_summary(run_dir, cfg, counts, placement, status, wall_s, final_model, error, launched=launched,
                           storage=storage_note, run_name=name, val_images=val_images)  # kept if the attack is cut short
-            final_attack = run_final_attack(cfg, run_dir, data, final_model,
-                                            records[-1]["round"] if records else None, use_gpu)
+            final_attack = run_final_attack(cfg, run_dir, data, final_model, records, use_gpu,
+                                            final_attack_seconds(cfg, launched))
+            if final_attack and not final_attack.get("error"):
+                record_final_attack(run_dir, final_attack)
         summary = write_summary(run_dir, cfg, counts, placement, status, wall_s, final_model, error,
                                 launched=launched, storage=storage_note, run_name=name, val_images=val_images,
                                 final_attack=final_attack)
@@ -494,13 +583,19 @@ def root_cause(exc: BaseException) -> str:
 def print_summary(summary: dict, run_dir: str) -> None:
     final, best = summary["final"], summary["best"]
     print(f"ray_fedat: done, {summary['rounds_completed']} rounds in {summary['wall_s']:.1f} s")
+    if summary.get("headline"):
+        print(f"  final model: {summary['headline']['text']}")
     if final:
-        print(f"  final:  natural {100 * final['natural_acc']:.1f}%  robust {100 * final['robust_acc']:.1f}% (test)")
+        yardstick = f"PGD-{summary['config']['eval_steps']} yardstick"
+        print(f"  final:  natural {100 * final['natural_acc']:.1f}%  robust {100 * final['robust_acc']:.1f}% "
+              f"({yardstick}, test)")
     for kind in ("natural", "robust"):
         if best[kind]:
             chosen = best[kind]["chosen_on"]
             on_val = f", validation {100 * best[kind]['val_' + kind + '_acc']:.1f}%" if chosen == "validation" else ""
-            print(f"  best {kind}: test {100 * best[kind][kind + '_acc']:.1f}%{on_val} at round {best[kind]['round']}, "
+            test = best[kind][kind + "_acc"]
+            test = "test not scored that round" if test is None else f"test {100 * test:.1f}%"
+            print(f"  best {kind}: {test}{on_val} at round {best[kind]['round']}, "
                   f"chosen on {chosen} -> {os.path.join(run_dir, best[kind]['file'])}")
     clients = summary.get("client_robustness")
     if clients and clients["robust"]["worst"] is not None:

@@ -190,19 +190,20 @@ def train_loop_per_worker(payload: dict) -> None:
                 "loop_started_at": loop_started_at, "data_ready_at": data_ready_at}
     planner = RoundPlanner(cfg, payload.get("deadline"), device)
 
-    def evaluate(round_: int) -> dict:
-        """Test scores (reported), and validation scores as val_* (they choose the best models)."""
-        def scores(x, y):
-            return evaluate_distributed(model, x, y, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
-                                        steps=cfg.eval_steps, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                                        round_=round_, device=device, num_classes=payload["num_classes"])
+    def scores(x, y, round_: int) -> dict:
+        return evaluate_distributed(model, x, y, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
+                                    steps=cfg.eval_steps, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                                    round_=round_, device=device, num_classes=payload["num_classes"])
 
-        out = scores(*test_set)
-        if val_set is not None:
-            val = scores(*val_set)
-            out.update(val_natural_acc=val["natural_acc"], val_robust_acc=val["robust_acc"],
-                       val_images=val["eval_images"])
-        return out
+    def evaluate_validation(round_: int) -> dict:
+        """Validation scores as val_* : they choose the best models, at every evaluated round."""
+        val = scores(*val_set, round_)
+        return {"val_natural_acc": val["natural_acc"], "val_robust_acc": val["robust_acc"],
+                "val_images": val["eval_images"]}
+
+    def evaluate_test(round_: int) -> dict:
+        """Test scores: reported only (they choose only without a validation set)."""
+        return scores(*test_set, round_)
 
     not_evaluated = {"natural_acc": None, "robust_acc": None, "eval_images": 0,
                      **({"val_natural_acc": None, "val_robust_acc": None} if val_set is not None else {})}
@@ -243,16 +244,30 @@ def train_loop_per_worker(payload: dict) -> None:
         model.load_state_dict(unflatten_state(global_vec, spec))
         t_agg = time.perf_counter()
 
+        # Validation (it chooses the best models) at every evaluated round; the test set, which
+        # only reports, every --test-every of them and at the last round (in full).
         eval_every = planner.eval_every  # the interval this round was planned with
         evaluated = round_ == total_rounds or round_ == first_round or round_ % eval_every == 0
-        scores = evaluate(round_) if evaluated else dict(not_evaluated)
+        with_test = val_set is None or round_ == total_rounds or round_ % (eval_every * cfg.test_every) == 0
+        scores = dict(not_evaluated)
+        val_s = test_s = None
+        if evaluated and val_set is not None:
+            scores.update(evaluate_validation(round_))
+            val_s = time.perf_counter() - t_agg
+        if evaluated and with_test:
+            t_test = time.perf_counter()
+            scores.update(evaluate_test(round_))
+            test_s = time.perf_counter() - t_test
         t_eval = time.perf_counter()
         # Re-plan before reporting, so that a round the new plan makes the last one is still
         # closed with a full evaluation and a checkpoint.
-        planner.round_finished(round_, t_agg - t0 + last_report_s, t_eval - t_agg if evaluated else None)
+        planner.round_finished(round_, t_agg - t0 + last_report_s, val_s, test_s)
         closing = round_ == planner.total_rounds
-        if closing and not evaluated:
-            scores, evaluated = evaluate(round_), True
+        if closing and not (evaluated and with_test):
+            if val_set is not None and not evaluated:
+                scores.update(evaluate_validation(round_))
+            scores.update(evaluate_test(round_))
+            evaluated = True
             t_eval = time.perf_counter()
 
         record = {
@@ -318,7 +333,9 @@ class RoundPlanner:
         self.auto_eval_every = cfg.eval_every is None and self.deadline is not None
         # Kept free at the end for the final summary, the model copy and Ray's shutdown.
         self.reserve_s = min(10.0, 2.0 + 0.05 * cfg.time_budget) if cfg.time_budget else 0.0
-        self.eval_s = 0.0
+        self.eval_s = 0.0  # the validation pass of an evaluated round (the slowest rank's)
+        self.test_s = 0.0  # the test pass
+        self.test_every = 1 if cfg.val_fraction == 0 else cfg.test_every
         self.device = device
 
     @property
@@ -326,20 +343,26 @@ class RoundPlanner:
         """The planned number of rounds, or None before the first round has been timed."""
         return None if self.total_rounds >= self.MAX_ROUNDS else self.total_rounds
 
-    def round_finished(self, round_: int, train_s: float, eval_s: Optional[float]) -> None:
-        """`train_s`: the round without evaluation (the previous report included); `eval_s`:
-        its evaluation, None when it had none (the same on every rank)."""
+    def round_finished(self, round_: int, train_s: float, val_s: Optional[float], test_s: Optional[float]) -> None:
+        """`train_s`: the round without evaluation (the previous report included); `val_s`,
+        `test_s`: its validation and test evaluation, None when it had none (the same on every rank)."""
         if self.deadline is None or round_ >= self.total_rounds:
             return
         # Every rank must reach the same plan: agree on the slowest pace and the least time left.
-        times = torch.tensor([train_s, eval_s or 0.0, -(self.deadline - time.time())], dtype=torch.float64,
-                             device=self.device)
+        times = torch.tensor([train_s, val_s or 0.0, test_s or 0.0, -(self.deadline - time.time())],
+                             dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(times, op=dist.ReduceOp.MAX)
-        train_s, seconds_left = float(times[0]), -float(times[2])
-        if eval_s is not None:
+        train_s, seconds_left = float(times[0]), -float(times[3])
+        if val_s is not None:
             self.eval_s = float(times[1])
+        if test_s is not None:
+            self.test_s = float(times[2])
+        # An evaluated round costs its validation pass, and a test pass every test_every of them.
+        per_evaluation = self.eval_s + self.test_s / self.test_every
         if self.auto_eval_every:
-            self.eval_every = eval_interval(train_s, self.eval_s, self.EVAL_SHARE)
-        pace = train_s + self.eval_s / self.eval_every
-        self.total_rounds = plan_rounds(round_, seconds_left - self.eval_s, pace, self.reserve_s, self.MAX_ROUNDS - 1)
+            self.eval_every = eval_interval(train_s, per_evaluation, self.EVAL_SHARE)
+        pace = train_s + per_evaluation / self.eval_every
+        last_evaluation = self.eval_s + self.test_s  # the last round is always scored in full
+        self.total_rounds = plan_rounds(round_, seconds_left - last_evaluation, pace, self.reserve_s,
+                                        self.MAX_ROUNDS - 1)

@@ -8,21 +8,37 @@ from ray_fedat.config import ConfigError, parse_config
 
 def test_per_dataset_defaults_keep_the_articles_threat_model_and_evaluation():
     mnist = parse_config(["--dataset", "mnist"])
-    assert (mnist.epsilon, mnist.eval_step_size, mnist.eval_steps) == (0.3, 0.01, 40)
+    assert (mnist.epsilon, mnist.eval_step_size, mnist.eval_steps) == (0.3, 0.0375, 20)
     # our cheaper training attack, from a uniform random start; it can still cross the whole ball
     assert (mnist.step_size, mnist.attack_steps, mnist.attack_start, mnist.batch_size) == (0.1, 3, "uniform", 64)
     assert mnist.step_size * mnist.attack_steps >= mnist.epsilon - 1e-9
     fmnist = parse_config(["--dataset", "fmnist"])
-    assert (fmnist.epsilon, fmnist.eval_step_size, fmnist.eval_steps) == (0.3, 0.01, 20)
+    assert (fmnist.epsilon, fmnist.eval_step_size, fmnist.eval_steps) == (0.3, 0.0375, 20)
     cifar = parse_config(["--dataset", "cifar10"])
     assert cifar.epsilon == pytest.approx(8 / 255) and cifar.step_size == pytest.approx(2 / 255)
     assert cifar.model == "resnet18"
 
 
+@pytest.mark.parametrize("dataset", ["mnist", "fmnist", "cifar10", "digits", "npz"])
+def test_every_default_yardstick_can_reach_the_edge_of_the_ball(dataset, tmp_path):
+    """Madry's rule: steps x step >= 2.5 eps, so the per-round PGD is not a soft yardstick."""
+    argv = ["--dataset", dataset]
+    if dataset == "npz":
+        import numpy as np
+
+        path = tmp_path / "d.npz"
+        x, y = np.zeros((20, 8, 8), np.uint8), np.arange(20) % 2
+        np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+        argv += ["--data-file", str(path)]
+    cfg = parse_config(argv)
+    assert cfg.eval_steps * cfg.eval_step_size >= 2.5 * cfg.epsilon - 1e-9
+    assert cfg.final_attack == "apgd"  # and every run ends with the strong attack
+
+
 def test_evaluation_step_size_is_a_fixed_yardstick():
     # Training with a larger attack step must not change the attack the run is judged by.
     cfg = parse_config(["--dataset", "mnist", "--step-size", "0.04", "--attack-steps", "10"])
-    assert cfg.step_size == 0.04 and cfg.eval_step_size == 0.01
+    assert cfg.step_size == 0.04 and cfg.eval_step_size == 0.0375
     assert parse_config(["--dataset", "digits"]).eval_step_size == 0.025  # no separate default: the training step
     assert parse_config(["--dataset", "mnist", "--eval-step-size", "0.02"]).eval_step_size == 0.02
     assert parse_config(["--dataset", "cifar10"]).eval_step_size == pytest.approx(2 / 255)

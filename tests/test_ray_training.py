@@ -42,15 +42,19 @@ def test_cli_end_to_end_on_local_ray_with_two_workers(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "round   2/2" in proc.stdout and "Traceback" not in proc.stderr
+    # Round 1 is scored on validation only (--test-every 5), the last round on both.
+    assert "round   1/2  val nat" in proc.stdout
     run_dir = tmp_path / "e2e"
     for name in ("metrics.jsonl", "summary.json", "final_model.pt", "best_natural.pt", "best_robust.pt"):
         assert (run_dir / name).is_file(), name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
     for r in records:
-        for key in ("natural_acc", "robust_acc", "train_loss", "round_s", "train_s", "aggregate_s", "eval_s"):
+        for key in ("val_natural_acc", "val_robust_acc", "train_loss", "round_s", "train_s", "aggregate_s", "eval_s"):
             assert isinstance(r[key], float), key
-        assert r["robust_acc"] <= r["natural_acc"]
+        assert r["val_robust_acc"] <= r["val_natural_acc"]
+    assert records[0]["natural_acc"] is None and records[0]["eval_images"] == 0  # test: not this round
+    assert records[1]["robust_acc"] <= records[1]["natural_acc"] and records[1]["eval_images"] == 359
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["status"] == "finished"
     assert [w["rank"] for w in summary["workers"]] == [0, 1]
@@ -62,6 +66,15 @@ def test_cli_end_to_end_on_local_ray_with_two_workers(tmp_path):
     assert summary["config"]["epsilon"] == 0.1 and summary["wall_s"] > 0
     state = torch.load(run_dir / "final_model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
+    # A default run ends with APGD-CE + APGD-T on the final model: the headline number, everywhere.
+    attack = summary["final_attack"]
+    assert attack["attack"] == "APGD-CE + APGD-T" and attack["workers"] == 2
+    final = attack["models"]["final"]
+    assert final["images"] == attack["images"] >= 100
+    assert 0 <= final["robust_acc"] <= final["yardstick_acc"] + 0.02 and final["robust_acc"] <= final["natural_acc"]
+    assert summary["headline"]["robust_acc"] == final["robust_acc"] and summary["headline"]["images"] == final["images"]
+    assert f"final model: robust {100 * final['robust_acc']:.1f}% under APGD-CE + APGD-T" in proc.stdout
+    assert records[-1]["final_attack"]["final_robust_acc"] == final["robust_acc"]
 
 
 def averaging_probe(config):
