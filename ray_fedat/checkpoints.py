@@ -13,7 +13,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "trainer_state.json"

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .errors import ConfigError
 from .schedule import LR_SCHEDULES
 
 DATASETS = ("mnist", "fmnist", "cifar10", "digits", "npz")
@@ -27,10 +28,6 @@ ATTACK_STARTS = ("gaussian", "uniform")  # see attacks.kl_attack
 PRECISIONS = ("auto", "fp32", "bf16")  # see precision.py
 FINAL_ATTACKS = ("none", "pgd-100", "apgd", "autoattack")  # see final_eval.py
 CALFAT_PAPER_SCALE = 10.0  # s in the CalFAT authors' code: cross_entropy(s * (z + 0.1 log n_c), y)
-
-
-class ConfigError(ValueError):
-    """A user mistake in the run's configuration; the CLI prints it as one line."""
 
 
 @dataclass(frozen=True)

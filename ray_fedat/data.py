@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, RunConfig
+from .config import RunConfig
+from .errors import ConfigError
 
 
 class DataError(ConfigError):
