@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import RunConfig
 from .errors import ConfigError
+from .run_config import RunConfig
 
 
 class DataError(ConfigError):

@@ -16,7 +16,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .config import ConfigError, RunConfig, parse_config
+from .config import parse_config
+from .errors import ConfigError
+from .run_config import RunConfig
 from .monitoring import enable_state_tracking, job_config, submission_id, watch_info, watch_lines
 
 # Ray Train's report() waits for the controller's next poll of the workers, which happens

@@ -31,7 +31,7 @@ from .byzantine import STREAM as BYZANTINE_STREAM
 from .byzantine import byzantine_clients, corrupt_update, flip_labels
 from .checkpoints import pack_restore_state, read_checkpoint, save_checkpoint, unpack_restore_state
 from .client import ClientShard, LocalTrainingConfig, train_client
-from .config import RunConfig
+from .run_config import RunConfig
 from .evaluation import evaluate_distributed
 from .federation import ClientUpdates, assign_clients, generator_for, sample_clients
 from .models import build_model
