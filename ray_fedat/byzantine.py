@@ -1,7 +1,7 @@
 """Byzantine (malicious) clients, so that the robust aggregation rules have something to resist.
 
 `--byzantine F` makes F clients, drawn with the run's seed, malicious for the whole run;
-`--byzantine-attack` says what they do. They train like any other client (and cost the
+`--byzantine-attack` (one of defaults.BYZANTINE_ATTACKS) says what they do. They train like any other client (and cost the
 same time), then send something else:
 
 - sign-flip:  the update reversed and amplified, global - 4 * (local - global). With a plain
@@ -26,7 +26,6 @@ import torch
 from .client import ClientShard
 from .federation import derive_seed
 
-ATTACKS = ("sign-flip", "gaussian", "scale", "label-flip")
 SIGN_FLIP_FACTOR = 4.0
 SCALE_FACTOR = 10.0
 GAUSSIAN_STD = 1.0

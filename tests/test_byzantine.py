@@ -34,6 +34,15 @@ def test_each_attack_sends_what_byzantine_py_documents():
         corrupt_update("bribery", local, g, generator_for(0))
 
 
+def test_every_listed_attack_is_implemented():
+    """One list of names (defaults.BYZANTINE_ATTACKS): the flag accepts exactly what corrupt_update does."""
+    from ray_fedat.defaults import BYZANTINE_ATTACKS
+
+    for attack in BYZANTINE_ATTACKS:
+        assert parse_config(["--clients", "3", "--byzantine", "1", "--byzantine-attack", attack]).byzantine_attack == attack
+        corrupt_update(attack, torch.ones(3), torch.zeros(3), generator_for(0))
+
+
 def test_label_flip_poisons_the_labels_and_their_counts():
     shard = ClientShard(3, torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 1, 9]),
                         torch.tensor([1.0, 2, 0, 0, 0, 0, 0, 0, 0, 1]))
