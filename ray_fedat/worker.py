@@ -33,7 +33,7 @@ from .checkpoints import pack_restore_state, read_checkpoint, save_checkpoint, u
 from .client import ClientShard, LocalTrainingConfig, train_client
 from .run_config import RunConfig
 from .evaluation import evaluate_distributed
-from .federation import ClientUpdates, assign_clients, generator_for, sample_clients
+from .federation import ClientUpdates, assign_clients, generator_for, sample_clients, world_and_rank
 from .models import build_model
 from .monitoring import worker_round_line
 from .precision import configure_backends, prepare_model, resolve_precision
@@ -76,7 +76,7 @@ def worker_identity(device: torch.device) -> Dict:
     import ray
 
     ctx = ray.get_runtime_context()
-    return {"rank": dist.get_rank() if dist.is_initialized() else 0, "node_id": ctx.get_node_id(),
+    return {"rank": world_and_rank()[1], "node_id": ctx.get_node_id(),
             "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(), "pid": os.getpid(),
             "device": str(device)}
 
@@ -86,7 +86,7 @@ def agree_on_storage_rank(storage: dict, storage_path: str, device: torch.device
     node (one all_gather); all then pick the same storage rank."""
     import ray
 
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    world, rank = world_and_rank()
     on_driver_node = ray.get_runtime_context().get_node_id() == storage["driver_node"]
     mine = torch.tensor([float(sees_marker(storage["marker_dir"], storage["marker_token"])), float(on_driver_node)],
                         dtype=torch.float64, device=device)
@@ -108,7 +108,7 @@ def restore_state(model: torch.nn.Module, source_rank: int, device: torch.device
     checkpoint = ray.train.get_checkpoint()  # the same on every rank
     if checkpoint is None:
         return 1, {"natural": None, "robust": None}
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world, rank = world_and_rank()
     vec, spec = flatten_state(model.state_dict())
     if rank == source_rank:
         with checkpoint.as_directory() as d:
@@ -117,7 +117,7 @@ def restore_state(model: torch.nn.Module, source_rank: int, device: torch.device
         packed = pack_restore_state(flatten_state(model.state_dict())[0], state).to(device)
     else:
         packed = torch.empty(vec.numel() + 5, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world > 1:
         dist.broadcast(packed, src=source_rank)
     vec, state = unpack_restore_state(packed.cpu())
     model.load_state_dict(unflatten_state(vec, spec))
