@@ -440,8 +440,11 @@ def run(cfg: RunConfig) -> dict:
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                 callbacks=[RunRecorder(run_dir, title, run_name=name)]),
         )
-        write_summary(run_dir, cfg, counts, placement, status="running", storage=storage_note, run_name=name,
-                      val_images=val_images)
+        def summarise(status: str, **outcome) -> dict:
+            return write_summary(run_dir, cfg, counts, placement, status, launched=launched, storage=storage_note,
+                                 run_name=name, val_images=val_images, **outcome)
+
+        summarise("running")
         started = time.time()
         result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started,
                                                      len(read_metrics(run_dir)))
@@ -457,13 +460,10 @@ def run(cfg: RunConfig) -> dict:
         wall_s = time.time() - started
         final_attack = None
         if cfg.final_attack != "none" and status == "finished":
-            write_summary(run_dir, cfg, counts, placement, status, wall_s, final_model, error, launched=launched,
-                          storage=storage_note, run_name=name, val_images=val_images)  # kept if the attack is cut short
+            summarise(status, wall_s=wall_s, final_model=final_model)  # kept if the attack is cut short
             final_attack = run_final_attack(cfg, run_dir, data, final_model,
                                             records[-1]["round"] if records else None, use_gpu)
-        summary = write_summary(run_dir, cfg, counts, placement, status, wall_s, final_model, error,
-                                launched=launched, storage=storage_note, run_name=name, val_images=val_images,
-                                final_attack=final_attack)
+        summary = summarise(status, wall_s=wall_s, final_model=final_model, error=error, final_attack=final_attack)
     finally:
         if owns_ray:
             ray.shutdown()
