@@ -193,10 +193,6 @@ class RunConfig:
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         need(self.final_attack in FINAL_ATTACKS,
              f"--final-attack {self.final_attack!r} is not one of {', '.join(FINAL_ATTACKS)}")
-        from .final_eval import torchattacks_missing
-
-        missing = torchattacks_missing(self.final_attack)
-        need(missing is None, missing or "")
         need(self.final_samples is None or self.final_samples >= 1,
              f"--final-samples must be >= 1 (got {self.final_samples})")
         need(self.eval_every is None or self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})")
