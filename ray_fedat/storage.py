@@ -30,15 +30,26 @@ class StorageError(ValueError):
 
 
 def is_uri(path: Optional[str]) -> bool:
-    """s3://..., gs://..., hdfs://..., file://... (anything pyarrow opens by scheme)."""
-    return bool(path) and "://" in path.split("?", 1)[0]
+    """A store every node reaches by URI: s3://..., gs://..., hdfs://... (anything pyarrow
+    opens by scheme). Not file://: that is a path on each node's own disk, shared or not,
+    so it gets the same shared-disk check as a plain path."""
+    return bool(path) and "://" in path.split("?", 1)[0] and not is_file_uri(path)
+
+
+def is_file_uri(path: Optional[str]) -> bool:
+    return bool(path) and path.lower().startswith("file://")
 
 
 def absolute(path: Optional[str]) -> Optional[str]:
     """A local path made absolute on the driver (Ray Train v2 runs workers in their own
-    working directory, so a relative path would resolve elsewhere there); URIs unchanged."""
+    working directory, so a relative path would resolve elsewhere there); a file:// URI
+    becomes its plain path; other URIs unchanged."""
     if path is None or is_uri(path):
         return path
+    if is_file_uri(path):
+        from urllib.parse import unquote, urlparse
+
+        path = unquote(urlparse(path).path)
     return os.path.abspath(os.path.expanduser(path))
 
 

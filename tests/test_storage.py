@@ -29,6 +29,15 @@ def test_relative_paths_are_resolved_on_the_driver_and_uris_are_kept(tmp_path, m
     assert cfg.data_dir == str(tmp_path / "data")
 
 
+def test_a_file_uri_is_a_local_path_and_gets_the_shared_disk_check(tmp_path):
+    cfg = parse_config(["--storage-path", f"file://{tmp_path}/my%20runs"])
+    assert cfg.storage_path == str(tmp_path / "my runs") and not is_uri(f"file://{tmp_path}")
+    assert default_output_dir(f"file://{tmp_path}", "r1") == str(tmp_path / "r1")
+    # a node that does not see the driver's disk: only the driver's node may write checkpoints
+    plan = plan_storage(f"file://{tmp_path}", {"a": True, "b": False}, "a", driver_can_host=True)
+    assert not plan.shared and plan.pin_driver_node
+
+
 def test_output_dir_defaults_beside_local_checkpoints_and_to_runs_for_a_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert default_output_dir(str(tmp_path / "st"), "r1") == str(tmp_path / "st" / "r1")
