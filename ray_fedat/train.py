@@ -160,7 +160,7 @@ def build_payload(cfg: RunConfig, data, parts, counts, use_gpu: bool) -> dict:
     import torch
 
     from .client import ClientShard
-    from .worker import label_digest
+    from .data import data_digest
 
     payload = {"cfg": cfg.to_dict(), "shape": list(data.shape), "num_classes": data.num_classes,
                "augment": data.augment, "use_gpu": use_gpu, "class_counts": counts.tolist()}
@@ -172,7 +172,7 @@ def build_payload(cfg: RunConfig, data, parts, counts, use_gpu: bool) -> dict:
         payload["val_ref"] = ray.put((data.x_val, data.y_val))
     else:
         payload["partition"] = [p.astype(np.int64) for p in parts]
-        payload["label_digest"] = label_digest(data.y_train)
+        payload["data_digest"] = data_digest(data)
     return payload
 
 

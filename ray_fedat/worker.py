@@ -22,7 +22,6 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -59,12 +58,12 @@ def load_shards(payload: dict, my_clients: List[int]):
         x_test, y_test = ray.get(payload["test_ref"])
         x_val, y_val = ray.get(payload["val_ref"])
         return shards, (x_test, y_test), (x_val, y_val)
-    from .data import hold_out_validation, load_dataset
+    from .data import data_digest, hold_out_validation, load_dataset
 
     data = hold_out_validation(load_dataset(cfg), cfg.val_fraction, cfg.seed)  # this node's own copy, split alike
-    if label_digest(data.y_train) != payload["label_digest"]:
-        raise RuntimeError(f"node {socket.gethostname()}: its copy of {cfg.dataset} differs from the driver's; "
-                           "every node needs the same files with --data-on nodes")
+    if data_digest(data) != payload["data_digest"]:
+        raise RuntimeError(f"node {socket.gethostname()}: its copy of {cfg.dataset} differs from the driver's "
+                           "(images or labels); every node needs the same files with --data-on nodes")
     shards = {}
     for cid in my_clients:
         idx = torch.as_tensor(payload["partition"][cid])
