@@ -121,6 +121,17 @@ def test_token_is_found_in_the_environment_or_the_default_file(tmp_path):
     assert env["RAY_AUTH_MODE"] == "disabled"  # the user's explicit choice wins
 
 
+def test_a_ray_without_token_authentication_has_no_authentication_error_to_catch(monkeypatch):
+    import ray.exceptions
+
+    from ray_fedat.auth import authentication_error
+
+    assert authentication_error() is ray.exceptions.AuthenticationError
+    monkeypatch.delattr(ray.exceptions, "AuthenticationError")  # as in Ray < 2.52
+    stand_in = authentication_error()
+    assert issubclass(stand_in, Exception) and not issubclass(stand_in, (OSError, RuntimeError))
+
+
 def test_split_address():
     assert split_address("192.168.1.100:6379") == ("192.168.1.100", 6379)
     assert split_address("[::1]:6379") == ("::1", 6379)
