@@ -65,13 +65,14 @@ def test_cli_end_to_end_on_local_ray_with_two_workers(tmp_path):
 
 
 def averaging_probe(config):
-    """Runs on each Ray Train worker: train one client, aggregate over all_gather, dump both."""
+    """Runs on each Ray Train worker: train one client, aggregate as training does
+    (ClientUpdates: the running FedAvg sums all_gathered), dump both."""
     import ray.train
 
-    from ray_fedat.aggregation import aggregate, flatten_state, unflatten_state
+    from ray_fedat.aggregation import flatten_state, unflatten_state
     from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client
     from ray_fedat.data import load_digits
-    from ray_fedat.federation import gather_client_vectors, generator_for
+    from ray_fedat.federation import ClientUpdates, generator_for
     from ray_fedat.models import build_model
 
     rank = ray.train.get_context().get_world_rank()
@@ -83,9 +84,10 @@ def averaging_probe(config):
     cfg = LocalTrainingConfig("pgd", 1, 32, 0.05, 0.9, 0.0, 0.1, 0.025, 2, 6.0, 0.1, False)
     train_client(model, shard, cfg, generator_for(0, 1, rank), torch.device("cpu"))
     local, spec = flatten_state(model.state_dict())
-    ids, stacked, w, _ = gather_client_vectors([rank], [local], [len(idx) + rank * 100], [0.0], 1, local.numel(),
-                                               torch.device("cpu"))
-    model.load_state_dict(unflatten_state(aggregate("fedavg", stacked, w), spec))
+    updates = ClientUpdates("fedavg", local.numel(), 1, torch.device("cpu"))
+    updates.add(rank, local, len(idx) + rank * 100, 0.0)
+    _, _, _, aggregated = updates.aggregate([[0], [1]])
+    model.load_state_dict(unflatten_state(aggregated, spec))
     torch.save({"local": local, "weight": len(idx) + rank * 100, "global": flatten_state(model.state_dict())[0]},
                os.path.join(config["out"], f"rank{rank}.pt"))
 
