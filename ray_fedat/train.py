@@ -141,16 +141,21 @@ def plan_storage_and_nodes(cfg: RunConfig, name: str, use_gpu: bool):
     return storage, selectors, plan.note
 
 
+# Where the object store is, never how to get in: a runtime_env is shown on the dashboard
+# (job and actor details) to anyone holding the cluster token. Credentials reach the workers
+# from their node's own environment or ~/.aws: a local Ray inherits the driver's, and on a
+# cluster `ray start` inherits them (cluster/cluster.env: STORAGE_ENV_FILE).
+STORAGE_LOCATION_VARS = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL")
+
+
 def worker_env(cfg: RunConfig) -> dict:
-    """Environment variables the workers need from the driver: object-store credentials
-    when checkpoints go to a URI (so one command on the head is enough)."""
+    """Environment variables the workers get from the driver: where the object store is,
+    when checkpoints go to a URI. No secret (keys, session tokens) ever goes here."""
     from .storage import is_uri
 
     if not is_uri(cfg.storage_path):
         return {}
-    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-             "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
-    return {k: os.environ[k] for k in names if os.environ.get(k)}
+    return {k: os.environ[k] for k in STORAGE_LOCATION_VARS if os.environ.get(k)}
 
 
 def build_payload(cfg: RunConfig, data, parts, counts, use_gpu: bool) -> dict:

@@ -43,6 +43,7 @@ def one_error_line(proc):
     (["127.0.0.1:6379"], {"NET_IFACE": "lo", "RAY_BIN": "/nonexistent/ray"}, "Ray is not installed"),
     (["127.0.0.1:6379"], {"NET_IFACE": "lo", "RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}, "no cluster token at"),
     (["127.0.0.1:6379"], {"NET_IFACE": "lo", "AUTH": "maybe"}, "AUTH must be 'token' or 'none'"),
+    (["127.0.0.1:6379"], {"NET_IFACE": "lo", "STORAGE_ENV_FILE": "/nonexistent/s3.env"}, "cannot be read"),
 ])
 def test_start_worker_rejects_bad_input_with_one_line(args, env, expected):
     env = {"RAY_BIN": RAY_BIN, **env}
