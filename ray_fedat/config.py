@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of clients sampled each round (same subset on every worker)")
     g.add_argument("--rounds", type=int, default=d.rounds, help="communication rounds R (ignored with --time-budget)")
     g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="train as well as possible in this wall time: time the first round, then fix the number "
-                   "of rounds (and the lr/eps schedules) to finish inside it")
+                   help="train as well as possible in this wall time: after every round, re-plan the number of "
+                   "rounds (and the lr/late-attack schedules) from the slowest worker's pace to finish inside it")
     g.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs E per round")
     g.add_argument("--batch-size", type=int, default=None, help="local batch size B (per dataset)")
     g.add_argument("--lr", type=float, default=None, help="client SGD learning rate (per dataset)")
