@@ -223,6 +223,8 @@ def resume_config(run_dir: str, given: dict) -> RunConfig:
 
     saved.setdefault("val_fraction", 0.0)  # saved before the validation split existed: it trained on all
     cfg = RunConfig.from_dict({**saved, **given})
+    # The schedules keep the run's first plan (an older summary has no schedule_rounds: its rounds were the plan).
+    cfg.schedule_rounds = saved.get("schedule_rounds") or saved.get("rounds")
     cfg.resume = os.path.abspath(run_dir)
     if saved.get("output_dir") is None and not is_uri(saved.get("storage_path")):
         # outputs and checkpoints share <storage>/<name>: follow the directory if it moved

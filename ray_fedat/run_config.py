@@ -34,6 +34,9 @@ class RunConfig:
     min_client_size: int = 10
     client_fraction: float = 1.0
     rounds: int = 10
+    # Not a flag: the rounds the lr schedule and the late attack were planned for, the run's
+    # first --rounds; an extension (--resume --rounds N) keeps it (schedule.schedule_round).
+    schedule_rounds: Optional[int] = None
     local_epochs: int = 1
     batch_size: Optional[int] = None
     lr: Optional[float] = None
@@ -119,6 +122,7 @@ class RunConfig:
             lr_schedule=self.lr_schedule if self.lr_schedule is not None else d.lr_schedule,
             eps_warmup_rounds=self.eps_warmup_rounds if self.eps_warmup_rounds is not None else d.eps_warmup_rounds,
             aggregator_f=self.aggregator_f if self.aggregator_f is not None else self.byzantine,
+            schedule_rounds=self.schedule_rounds if self.schedule_rounds is not None else self.rounds,
         )
 
     def validate(self) -> "RunConfig":
@@ -144,6 +148,7 @@ class RunConfig:
         need(self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})")
         need(self.clients >= 1, f"--clients must be >= 1 (got {self.clients})")
         need(self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})")
+        need(self.schedule_rounds >= 1, f"schedule_rounds must be >= 1 (got {self.schedule_rounds})")
         need(self.local_epochs >= 1, f"--local-epochs must be >= 1 (got {self.local_epochs})")
         need(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
         need(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1 (got {self.eval_batch_size})")

@@ -40,6 +40,37 @@ def is_file_uri(path: Optional[str]) -> bool:
     return bool(path) and path.lower().startswith("file://")
 
 
+STORE_PROBE_TIMEOUT_S = 3.0
+
+
+def check_store_answers(storage_path: str, timeout_s: float = STORE_PROBE_TIMEOUT_S) -> None:
+    """Raise StorageError, in one line, when an s3:// storage path's endpoint does not answer
+    (or refuses us), before Ray or any worker starts and before anything is written: one
+    request for the bucket, with a short timeout and no retries. Other schemes are left to
+    Ray Train."""
+    if not is_uri(storage_path) or not storage_path.lower().startswith("s3://"):
+        return
+    from urllib.parse import parse_qs, urlparse
+
+    import pyarrow.fs
+
+    url = urlparse(storage_path)
+    query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+    endpoint = query.get("endpoint_override")
+    where = endpoint or "AWS S3"
+    options = {k: query[k] for k in ("endpoint_override", "scheme", "region") if k in query}
+    try:
+        fs = pyarrow.fs.S3FileSystem(**options, connect_timeout=timeout_s, request_timeout=timeout_s,
+                                     retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=1))
+        fs.get_file_info(url.netloc)
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())
+        reason = reason.split("Details: ", 1)[-1] if "Details: " in reason else reason
+        raise StorageError(f"--storage-path {storage_path.split('?', 1)[0]}: the object store at {where} did not "
+                           f"answer or let us in ({reason[:200]}); is it running, and are its address and "
+                           "credentials right?") from None
+
+
 def absolute(path: Optional[str]) -> Optional[str]:
     """A local path made absolute on the driver (Ray Train v2 runs workers in their own
     working directory, so a relative path would resolve elsewhere there); a file:// URI

@@ -25,6 +25,7 @@ from .monitoring import enable_state_tracking, job_config, submission_id, watch_
 # every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): seconds of dead time per round.
 # Polling a handful of workers is cheap, so poll faster unless the user chose a value.
 REPORT_POLL_INTERVAL_S = "0.2"
+RAY_TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -75,8 +76,18 @@ def connect_ray(cfg: RunConfig, job_name: Optional[str] = None) -> tuple:
                  f"`ray start --head` on the head node, or omit --address/RAY_ADDRESS to run on a local Ray")
         return f"cluster at {address}{dashboard_note(info)}", True
     num_cpus = max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker)
-    info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.dashboard,
-                    dashboard_host=cfg.dashboard_host, **quiet)
+    # Ray then warns "Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt
+    # out": advice to turn security off, about a private Ray that keeps its token and that
+    # nobody else joins. Nothing for the user to do, so nothing said (--verbose shows it).
+    token_logger = logging.getLogger(RAY_TOKEN_SETUP_LOGGER)
+    level = token_logger.level
+    if not cfg.verbose:
+        token_logger.setLevel(logging.ERROR)
+    try:
+        info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.dashboard,
+                        dashboard_host=cfg.dashboard_host, **quiet)
+    finally:
+        token_logger.setLevel(level)
     return f"local Ray ({num_cpus} CPUs{dashboard_note(info)})", True
 
 
@@ -104,6 +115,20 @@ def plan_placement(cfg: RunConfig):
     return use_gpu, "PACK", f"{cfg.workers} workers packed on {len(nodes)} node(s)"
 
 
+def pinned_nodes(cfg: RunConfig) -> Optional[List[str]]:
+    """The node ids --worker-nodes pins the ranks to (None: Ray places them); an IP that no
+    live node has is a one-line error."""
+    import ray
+
+    if cfg.worker_nodes is None:
+        return None
+    by_ip = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    unknown = [ip for ip in cfg.worker_node_list() if ip not in by_ip]
+    if unknown:
+        fail(f"--worker-nodes: no live Ray node has IP {', '.join(unknown)} (nodes: {', '.join(sorted(by_ip))})")
+    return [by_ip[ip] for ip in cfg.worker_node_list()]
+
+
 def plan_storage_and_nodes(cfg: RunConfig, name: str, use_gpu: bool):
     """Check who sees the storage path, pin workers to nodes where needed.
     Returns (payload['storage'], per-worker label selectors or None, a sentence for the log)."""
@@ -113,13 +138,7 @@ def plan_storage_and_nodes(cfg: RunConfig, name: str, use_gpu: bool):
 
     driver_node = ray.get_runtime_context().get_node_id()
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    by_ip = {n["NodeManagerAddress"]: n["NodeID"] for n in alive}
-    pinned = None
-    if cfg.worker_nodes is not None:
-        unknown = [ip for ip in cfg.worker_node_list() if ip not in by_ip]
-        if unknown:
-            fail(f"--worker-nodes: no live Ray node has IP {', '.join(unknown)} (nodes: {', '.join(sorted(by_ip))})")
-        pinned = [by_ip[ip] for ip in cfg.worker_node_list()]
+    pinned = pinned_nodes(cfg)
     marker_dir = local_run_storage(cfg.storage_path, name)
     token = write_marker(marker_dir) if marker_dir else None
     driver = next(n for n in alive if n["NodeID"] == driver_node)
@@ -194,18 +213,29 @@ def format_round(record: dict, total_rounds: Optional[int], started: float, roun
             f"rob {pct(record['robust_acc'])}  loss {record['train_loss']:.3f}  {record['round_s']:5.1f} s  ETA {eta}")
 
 
-def print_new_rounds(run_dir: str, printed: int, total_rounds: int, started: float, rounds_before: int) -> int:
-    """Print the rounds of metrics.jsonl after `printed`; returns the last round printed."""
+def shown_rounds(run_dir: str) -> dict:
+    """{round: its start time} of the records in metrics.jsonl: what is already on screen or
+    from an earlier run (print_new_rounds prints a round when this changes)."""
+    from .recorder import read_metrics
+
+    return {r["round"]: r.get("started_at") for r in read_metrics(run_dir)}
+
+
+def print_new_rounds(run_dir: str, printed: dict, total_rounds: int, started: float, rounds_before: int) -> dict:
+    """Print the records of metrics.jsonl not printed yet, new rounds and rounds run again
+    (after a restart or --resume, the rounds after the last checkpoint are replayed and
+    replace the old ones); returns what has now been printed."""
     from .recorder import read_metrics
 
     try:
         records = read_metrics(run_dir)
     except (OSError, ValueError):  # caught mid-replace: next poll
         return printed
+    printed = dict(printed)
     for record in records:
-        if record["round"] > printed:
+        if record["round"] not in printed or printed[record["round"]] != record.get("started_at"):
             print(format_round(record, record.get("planned_rounds", total_rounds), started, rounds_before), flush=True)
-            printed = record["round"]
+            printed[record["round"]] = record.get("started_at")
     return printed
 
 
@@ -222,7 +252,7 @@ def fit_with_progress(trainer, run_dir: str, total_rounds: int, started: float, 
 
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
-    printed = rounds_before
+    printed = shown_rounds(run_dir)
     try:
         while thread.is_alive():
             thread.join(0.5)
@@ -368,11 +398,10 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
             "warning": weak_yardstick_warning(results, cfg.final_attack, yardstick)}
 
 
-def run(cfg: RunConfig) -> dict:
-    """Run one federated adversarial training job; returns the summary dict."""
+def describe_data(cfg: RunConfig):
+    """prepare_data, and the header lines that describe the split: (data, parts, counts, validation images)."""
     from .partition import format_partition_table, label_skew
 
-    launched = time.time()  # a --time-budget counts from here: loading data and starting Ray included
     data, parts, counts = prepare_data(cfg)
     print(f"ray_fedat: {cfg.dataset} ({len(data.y_train)} train / {len(data.y_test)} test, "
           f"images {'x'.join(map(str, data.shape))}), {cfg.clients} clients, {cfg.partition} partition "
@@ -385,19 +414,36 @@ def run(cfg: RunConfig) -> dict:
     else:
         print("ray_fedat: --val-fraction 0: no validation set; the best models are chosen on the test set "
               "(their test accuracy is optimistic)")
+    return data, parts, counts, val_images
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run one federated adversarial training job; returns the summary dict.
+
+    What needs no data is checked first (the object store answers, the run directory is
+    free, the cluster answers and has the GPUs and nodes asked for): a mistake there is one
+    line before seconds of loading, and leaves nothing behind."""
+    launched = time.time()  # a --time-budget counts from here: loading data and starting Ray included
     if cfg.dry_run:
+        describe_data(cfg)
         print(json.dumps(cfg.to_dict(), indent=1))
         return {}
 
-    from .storage import default_output_dir
+    from .storage import StorageError, check_store_answers, default_output_dir
 
+    try:
+        check_store_answers(cfg.storage_path)
+    except StorageError as e:
+        fail(str(e))
     name = cfg.name or submission_id() or default_name(cfg)  # a submitted job: its run is named like it
     run_dir = cfg.output_dir or default_output_dir(cfg.storage_path, name)
     if cfg.resume:
         print(f"ray_fedat: resuming {run_dir} up to round {cfg.rounds}")
+        if cfg.rounds > cfg.schedule_rounds and not cfg.time_budget:
+            print(f"ray_fedat: the lr schedule and late attack keep the run's plan of {cfg.schedule_rounds} rounds: "
+                  f"rounds after {cfg.schedule_rounds} train with round {cfg.schedule_rounds}'s values")
     elif os.path.exists(run_dir) and os.listdir(run_dir):
         fail(f"run directory {run_dir} already holds a run; choose another --name, or --resume {run_dir}")
-    os.makedirs(run_dir, exist_ok=True)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
     if cfg.dashboard or cfg.address or os.environ.get("RAY_ADDRESS"):
         # Only a dashboard reads it, and it costs seconds of start-up per run (measured: the
@@ -418,6 +464,9 @@ def run(cfg: RunConfig) -> dict:
     where, owns_ray = connect_ray(cfg, name)
     try:
         use_gpu, strategy, placement = plan_placement(cfg)
+        pinned_nodes(cfg)
+        data, parts, counts, val_images = describe_data(cfg)
+        os.makedirs(run_dir, exist_ok=True)
         storage, selectors, storage_note = plan_storage_and_nodes(cfg, name, use_gpu)
         print(f"ray_fedat: {cfg.method} eps={cfg.epsilon:.4g} step={cfg.step_size:.4g} attack={cfg.attack_steps} "
               f"eval=PGD-{cfg.eval_steps} step={cfg.eval_step_size:.4g}, model {cfg.model}, "

@@ -42,6 +42,8 @@ def test_cli_end_to_end_on_local_ray_with_two_workers(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "round   2/2" in proc.stdout and "Traceback" not in proc.stderr
+    # A private local Ray keeps its token and says nothing about it (no advice to disable it).
+    assert "RAY_AUTH_MODE" not in proc.stdout + proc.stderr and "Token authentication" not in proc.stderr
     run_dir = tmp_path / "e2e"
     for name in ("metrics.jsonl", "summary.json", "final_model.pt", "best_natural.pt", "best_robust.pt"):
         assert (run_dir / name).is_file(), name

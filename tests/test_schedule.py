@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ray_fedat.schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds
+from ray_fedat.schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds, schedule_round
 
 
 def test_cosine_lr_starts_at_base_and_decays_monotonically():
@@ -11,6 +11,17 @@ def test_cosine_lr_starts_at_base_and_decays_monotonically():
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
     assert 0 < lrs[-1] < 0.01
     assert lr_at(7, 10, 0.1, "constant") == 0.1
+
+
+def test_an_extension_keeps_the_first_plan_and_trains_at_its_end_values():
+    """A 5-round cosine run extended to 10 rounds: rounds 6-10 keep round 5's lr (MNIST's
+    0.02 * 0.095 = 0.0019), not a 10-round plan's 0.01, and the late attack stays on."""
+    lrs = [lr_at(schedule_round(r, 5), 5, 0.02, "cosine") for r in range(1, 11)]
+    assert lrs[:5] == [lr_at(r, 5, 0.02, "cosine") for r in range(1, 6)]
+    assert lrs[5:] == [lrs[4]] * 5 and lrs[4] == pytest.approx(0.0019, abs=1e-4)
+    late = [late_phase(schedule_round(r, 5), 5, 0.5) for r in range(1, 21)]
+    assert late == [False] * 2 + [True] * 18
+    assert schedule_round(3, 5) == 3 and schedule_round(9, 5) == 5
 
 
 def test_epsilon_warms_up_linearly_then_stays():

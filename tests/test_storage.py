@@ -106,6 +106,22 @@ def test_restore_state_round_trips_model_round_and_best_exactly():
     out_vec, out_state = unpack_restore_state(pack_restore_state(vec, state))
     assert torch.equal(out_vec, vec) and out_vec.dtype == torch.float32
     assert out_state == state
+    planned = {**state, "plan": {"eval_every": 3, "eval_s": 1.25}}  # a time-budget run's evaluation interval
+    assert unpack_restore_state(pack_restore_state(vec, planned))[1] == planned
+
+
+def test_a_restarted_time_budget_run_keeps_its_evaluation_interval():
+    from ray_fedat.config import parse_config
+    from ray_fedat.worker import RoundPlanner
+
+    cfg = parse_config(["--time-budget", "100"])
+    planner = RoundPlanner(cfg, deadline=1e12, device=torch.device("cpu"))
+    assert planner.eval_every == 1 and planner.plan() == {"eval_every": 1, "eval_s": 0.0}
+    planner.restore({"eval_every": 4, "eval_s": 2.5})
+    assert (planner.eval_every, planner.eval_s) == (4, 2.5) and planner.plan() == {"eval_every": 4, "eval_s": 2.5}
+    fixed = RoundPlanner(parse_config(["--time-budget", "100", "--eval-every", "2"]), 1e12, torch.device("cpu"))
+    fixed.restore({"eval_every": 4, "eval_s": 2.5})
+    assert fixed.eval_every == 2 and fixed.plan() is None  # the user's --eval-every stays
 
 
 def test_token_is_found_in_the_environment_or_the_default_file(tmp_path):
