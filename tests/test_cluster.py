@@ -185,6 +185,7 @@ def cluster(tmp_path_factory):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_strangers(cluster, tmp_path):
     c = cluster
     train = c.train("--rounds", "2", "--name", "readme")
@@ -255,6 +256,7 @@ def kill_worker_after_round(proc, run_dir, after_round, node_ip=None):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize("rank0", ["head", "worker"])
 def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster, rank0, request):
     c = cluster

@@ -36,6 +36,7 @@ def max_abs_diff(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_local_ray_with_two_workers(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
                            "--rounds", "2", "--storage-path", str(tmp_path), "--name", "e2e"],

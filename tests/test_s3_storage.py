@@ -17,7 +17,7 @@ import pytest
 from test_cluster import kill_worker_after_round
 from test_fault_tolerance import read_records
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a real SeaweedFS server and CLI runs
 
 KEY, SECRET = "rayfedat", "rayfedat-secret"
 
@@ -121,7 +121,6 @@ def test_checkpoints_in_s3_survive_a_killed_worker_and_resume(s3, tmp_path):
     assert summary["config"]["storage_path"] == uri and summary["rounds_completed"] == 6
 
 
-@pytest.mark.slow
 def test_no_storage_secret_reaches_a_runtime_env_the_dashboard_shows(s3, tmp_path):
     """The dashboard shows the job's and every actor's runtime_env to anyone with the token:
     while an S3 run trains, neither holds the secret key (the workers inherit it instead)."""

@@ -111,6 +111,7 @@ def test_report_curves_and_tensorboard_for_two_runs(tmp_path, ray_session):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path):
     run_dir = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--rounds", "200",
