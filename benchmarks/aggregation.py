@@ -3,8 +3,8 @@
     python benchmarks/aggregation.py [--repeats 10]
 
 Two Ray Train workers (gloo, CPU) each hold one client's flattened model (the TRADES
-small CNN for MNIST, a CIFAR ResNet-18) and aggregate it the way every round does:
-`gather_client_vectors` (all_gather) then `aggregate('fedavg')`. For comparison, the same
+small CNN for MNIST, a CIFAR ResNet-18) and aggregate it the way rounds did before issue 16:
+all_gather of every vector, then `aggregate('fedavg')`. For comparison, the same
 tensor goes through one `all_reduce` (what plain averaging would need, but which cannot do
 median/trimmed-mean or per-client weights after the fact). Reports time per aggregation,
 bytes each rank receives, GB/s, and the ratio last.
@@ -26,7 +26,6 @@ MODELS = {"smallcnn (MNIST)": ("smallcnn", (1, 28, 28)), "resnet18 (CIFAR-10)": 
 
 def measure(config):
     from ray_fedat.aggregation import aggregate
-    from ray_fedat.federation import gather_client_vectors
     from ray_fedat.models import build_model
 
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -39,8 +38,9 @@ def measure(config):
         for rep in range(config["repeats"] + 1):  # the first repetition warms up
             dist.barrier()
             t = time.perf_counter()
-            _, rows, w, _ = gather_client_vectors([rank], [vec], [1.0], [0.0], 1, dim, torch.device("cpu"))
-            aggregate("fedavg", rows, w)
+            rows = torch.empty(world, dim)  # the gather-everything path: every vector to every worker
+            dist.all_gather(list(rows.unbind(0)), vec)
+            aggregate("fedavg", rows, torch.ones(world))
             gathered = time.perf_counter() - t
             dist.barrier()
             t = time.perf_counter()

@@ -13,7 +13,7 @@ round loop hands them over, then aggregates:
           of W partial sums; robust rules keep K/W rows and exchange coordinate blocks by
           all_to_all);
 - legacy: the gather-everything path (main before issue 16): a list of the worker's
-          client vectors, `gather_client_vectors` (all_gather of every client's vector onto
+          client vectors, `gather_client_vectors` (benchmarks/legacy_gather.py: all_gather of every client's vector onto
           every worker), then the rule on the K x P matrix.
 
 Per configuration, both workers are fresh processes; the numbers are per worker, the
@@ -58,7 +58,8 @@ def measure(rank, path, rule, k, dim, store, out):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     from ray_fedat.aggregation import aggregate
-    from ray_fedat.federation import ClientUpdates, assign_clients, gather_client_vectors
+    from legacy_gather import gather_client_vectors
+    from ray_fedat.federation import ClientUpdates, assign_clients
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(dim, generator=g)

@@ -28,6 +28,13 @@ load_settings() {
     export NCCL_SOCKET_IFNAME="$NET_IFACE" GLOO_SOCKET_IFNAME="$NET_IFACE"
     # Jobs and drivers started through this node inherit it: Ray Train's state API sees their runs.
     export RAY_TRAIN_ENABLE_STATE_TRACKING
+    if [ -n "${STORAGE_ENV_FILE:-}" ]; then  # object-store credentials: inherited by `ray start`, never sent
+        [ -r "$STORAGE_ENV_FILE" ] || die "STORAGE_ENV_FILE $STORAGE_ENV_FILE cannot be read"
+        set -a
+        # shellcheck disable=SC1090
+        source "$STORAGE_ENV_FILE"
+        set +a
+    fi
     RESOURCE_FLAGS=()
     [ -n "${METRICS_EXPORT_PORT:-}" ] && RESOURCE_FLAGS+=(--metrics-export-port "$METRICS_EXPORT_PORT")
     [ -n "$NUM_GPUS" ] && RESOURCE_FLAGS+=(--num-gpus "$NUM_GPUS")

@@ -45,6 +45,19 @@ def use_token_if_available(environ=os.environ) -> Optional[str]:
     return source
 
 
+def authentication_error() -> type:
+    """Ray's AuthenticationError. It came with token authentication (Ray 2.52); an older Ray
+    has no tokens to refuse, so nothing raised can be one (a class nothing raises)."""
+    try:
+        from ray.exceptions import AuthenticationError
+    except ImportError:
+        class NoTokenAuthentication(Exception):
+            """Stands for AuthenticationError on a Ray without token authentication."""
+
+        return NoTokenAuthentication
+    return AuthenticationError
+
+
 def split_address(address: str) -> Optional[Tuple[str, int]]:
     """(host, port) of a plain GCS address HOST:PORT; None for 'auto', ray://, etc."""
     if "://" in address or address in ("auto", "local"):
@@ -66,11 +79,10 @@ def check_cluster_access(address: str, timeout_s: float = 10.0) -> Optional[str]
         return (f"cannot reach a Ray cluster at {address} ({e.strerror or e}); start one with `ray start --head` "
                 "(or cluster/start-head.sh) on the head node, or omit --address/RAY_ADDRESS to run on a local Ray")
     from ray._raylet import GcsClient
-    from ray.exceptions import AuthenticationError
 
     try:
         GcsClient(address=address).internal_kv_get(b"ray_fedat_probe", None, timeout=timeout_s)
-    except AuthenticationError:
+    except authentication_error():
         source = token_source()
         if source is None or os.environ.get(MODE_ENV, "").lower() == "disabled":
             return (f"the Ray cluster at {address} requires its authentication token: copy the head's token file "

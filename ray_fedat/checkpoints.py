@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "trainer_state.json"
@@ -34,11 +34,12 @@ def save_model_file(path: str, model: torch.nn.Module, record: dict, model_name:
 
 
 def save_checkpoint(directory: str, model: torch.nn.Module, record: dict, best: dict, model_name: str, shape,
-                    num_classes: int) -> None:
-    """What a resume needs: the global model and the round/best-so-far bookkeeping."""
+                    num_classes: int, plan: Optional[dict] = None) -> None:
+    """What a resume needs: the global model, the round/best-so-far bookkeeping and the
+    time-budget planner's evaluation interval (`plan`: {"eval_every", "eval_s"})."""
     save_model_file(os.path.join(directory, MODEL_FILE), model, record, model_name, shape, num_classes)
     with open(os.path.join(directory, STATE_FILE), "w") as f:
-        json.dump({"round": record["round"], "best": best}, f)
+        json.dump({"round": record["round"], "best": best, **({"plan": plan} if plan else {})}, f)
 
 
 def read_checkpoint(directory: str) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -53,9 +54,9 @@ def read_checkpoint(directory: str) -> Tuple[Dict[str, torch.Tensor], dict]:
 
 
 # The restore broadcast: one float64 tensor, [round, best natural value, its round, best
-# robust value, its round, model vector...]; NaN marks "no best yet". float64 holds every
-# float32 parameter exactly.
-RESTORE_HEADER = 5
+# robust value, its round, planned eval_every, measured eval_s, model vector...]; NaN marks
+# "no best yet" and "no plan". float64 holds every float32 parameter exactly.
+RESTORE_HEADER = 7
 
 
 def pack_restore_state(model_vec: torch.Tensor, state: dict) -> torch.Tensor:
@@ -63,17 +64,22 @@ def pack_restore_state(model_vec: torch.Tensor, state: dict) -> torch.Tensor:
     for kind in ("natural", "robust"):
         best = state["best"].get(kind)
         header += [float("nan"), float("nan")] if best is None else [float(best["value"]), float(best["round"])]
+    plan = state.get("plan")
+    header += [float("nan"), float("nan")] if not plan else [float(plan["eval_every"]), float(plan["eval_s"])]
     return torch.cat([torch.tensor(header, dtype=torch.float64), model_vec.detach().cpu().to(torch.float64)])
 
 
 def unpack_restore_state(packed: torch.Tensor) -> Tuple[torch.Tensor, dict]:
-    """(float32 model vector, {"round", "best"}) from pack_restore_state's tensor."""
+    """(float32 model vector, {"round", "best"[, "plan"]}) from pack_restore_state's tensor."""
     header = packed[:RESTORE_HEADER].tolist()
     best = {}
     for i, kind in enumerate(("natural", "robust")):
         value, round_ = header[1 + 2 * i], header[2 + 2 * i]
         best[kind] = None if value != value else {"value": value, "round": int(round_)}
-    return packed[RESTORE_HEADER:].to(torch.float32), {"round": int(header[0]), "best": best}
+    state = {"round": int(header[0]), "best": best}
+    if header[5] == header[5]:
+        state["plan"] = {"eval_every": int(header[5]), "eval_s": header[6]}
+    return packed[RESTORE_HEADER:].to(torch.float32), state
 
 
 def load_model_file(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:

@@ -1,306 +1,20 @@
-"""Run configuration: the CLI flags, their per-dataset defaults, and validation.
+"""The command line: the train flags, config files (--config) and resumed runs (--resume).
 
-Everything a run needs is one flat, JSON-serialisable `RunConfig`. The driver builds it
-from argv, validates it before Ray starts (bad input is a one-line error, never a
-traceback), and ships it to every worker as a plain dict.
+Each flag is defined once, here, with its default taken from `RunConfig` and its choices
+from defaults.py; `parse_config` turns argv into a validated, resolved `RunConfig`.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .defaults import (AGGREGATORS, BYZANTINE_ATTACKS, CALFAT_PAPER_SCALE, DATASET_DEFAULTS, DATASETS,  # noqa: F401
+                       FINAL_ATTACKS, METHODS, PARTITIONS, PRECISIONS)
+from .errors import ConfigError
+from .run_config import RunConfig
 from .schedule import LR_SCHEDULES
-
-DATASETS = ("mnist", "fmnist", "cifar10", "digits", "npz")
-PARTITIONS = ("iid", "dirichlet", "shards")
-METHODS = ("calfat", "trades", "mart", "pgd", "fgsm-rs", "natural")
-AGGREGATORS = ("fedavg", "sfat", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
-BYZANTINE_ATTACKS = ("sign-flip", "gaussian", "scale", "label-flip")  # see byzantine.py
-DEVICES = ("auto", "cpu", "cuda")
-DATA_ON = ("driver", "nodes")
-ATTACK_STARTS = ("gaussian", "uniform")  # see attacks.kl_attack
-PRECISIONS = ("auto", "fp32", "bf16")  # see precision.py
-FINAL_ATTACKS = ("none", "pgd-100", "apgd", "autoattack")  # see final_eval.py
-CALFAT_PAPER_SCALE = 10.0  # s in the CalFAT authors' code: cross_entropy(s * (z + 0.1 log n_c), y)
-
-
-class ConfigError(ValueError):
-    """A user mistake in the run's configuration; the CLI prints it as one line."""
-
-
-@dataclass(frozen=True)
-class DatasetDefaults:
-    epsilon: float
-    step_size: float
-    attack_steps: int
-    eval_steps: int
-    model: str
-    lr: float
-    batch_size: int
-    lr_schedule: str = "constant"
-    eps_warmup_rounds: int = 0
-    eval_step_size: Optional[float] = None  # None: the training step size
-    attack_start: str = "gaussian"  # the article's KL attack start
-
-
-# The reference article's settings: MNIST/FMNIST eps=0.3 step 0.01 (40 attack steps on
-# MNIST, 10 otherwise; PGD-40 eval on MNIST, PGD-20 otherwise); CIFAR-10 eps=8/255 step 2/255.
-# The per-round yardstick follows Madry's rule, steps x step >= 2.5 eps, so that it can reach
-# the edge of the ball from anywhere inside it: the article's MNIST PGD-40 at step 0.01 moves at
-# most 0.4 (1.33 eps) and rewarded gradient masking (93.25% robust under it, 72.6% under
-# APGD-CE + APGD-T). MNIST/FMNIST: PGD-20 at 0.0375 (= 2.5 eps / 20, half PGD-40's cost);
-# CIFAR-10 and npz: PGD-20 at 2/255 (5 eps); digits: PGD-10 at 0.025 (2.5 eps). The final
-# strong attack (final_eval.py) gives the headline number.
-# Beyond the article, on MNIST/FMNIST (measured with the loop now in
-# benchmarks/recipe_ablation.py, see benchmarks/README.md: real MNIST, 8k images, 2 IID
-# clients averaged every epoch, one core, PGD-20 on 1k test images):
-# - the KL attack starts at a uniform random point of the eps-ball, not at x + 0.001 N(0,1):
-#   CalFAT after 9 epochs 90.1% vs 80.8% robust (3 steps of 0.1);
-# - 3 attack steps of 0.1 instead of 40 of 0.01 (3 x 0.1 still crosses the ball): an epoch
-#   costs under a third of 10 steps', and robust accuracy per second is higher (PGD-AT:
-#   89.8% after 177 s with 3 steps, 88.4% after 201 s with 5 of 0.075, 81.6% after 221 s
-#   with 10 of 0.04);
-# - batch 64: a FedAvg round of two clients makes half the SGD steps of one pass of central
-#   training; smaller batches give them back (75.7% vs 64.3% after 3 epochs, 10 steps);
-# - the TRADES small CNN rather than LeNet, a cosine learning-rate decay over the rounds,
-#   and an epsilon warm-up over the first rounds (the article's fixed eps=0.3 from round 1
-#   can collapse MNIST to chance accuracy).
-# FMNIST takes MNIST's changes without having been measured (no copy of it here); CIFAR-10
-# keeps the article's attack. digits (8x8, 1.4k training images) is the no-download
-# smoke-test set: a light attack and a small, quick-to-start model keep it fast.
-DATASET_DEFAULTS = {
-    "mnist": DatasetDefaults(0.3, 0.1, 3, 20, "smallcnn", 0.02, 64, "cosine", 2, eval_step_size=0.0375,
-                             attack_start="uniform"),
-    "fmnist": DatasetDefaults(0.3, 0.1, 3, 20, "smallcnn", 0.02, 64, "cosine", 2, eval_step_size=0.0375,
-                              attack_start="uniform"),
-    "cifar10": DatasetDefaults(8 / 255, 2 / 255, 10, 20, "resnet18", 0.05, 128, "cosine", 1),
-    "digits": DatasetDefaults(0.1, 0.025, 5, 10, "lenet", 0.05, 32),
-    "npz": DatasetDefaults(8 / 255, 2 / 255, 10, 20, "smallcnn", 0.01, 64),
-}
-
-
-@dataclass
-class RunConfig:
-    # data
-    dataset: str = "digits"
-    data_file: Optional[str] = None
-    data_dir: str = "./data"
-    download: bool = False
-    data_on: str = "driver"
-    preset: Optional[str] = None
-    # federation
-    clients: Optional[int] = None
-    partition: str = "iid"
-    beta: float = 0.5
-    shards_per_client: int = 2
-    min_client_size: int = 10
-    client_fraction: float = 1.0
-    rounds: int = 10
-    local_epochs: int = 1
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    lr_schedule: Optional[str] = None
-    time_budget: Optional[float] = None
-    momentum: float = 0.9
-    weight_decay: float = 2e-4
-    aggregator: str = "fedavg"
-    trim_ratio: float = 0.1
-    server_lr: float = 1.0
-    aggregator_f: Optional[int] = None  # None: --byzantine
-    sfat_alpha: float = 1 / 6  # (1 + a) / (1 - a) = 1.4, the SFAT code's --pri
-    sfat_topk: int = 1
-    prox_mu: float = 0.0
-    byzantine: int = 0
-    byzantine_attack: str = "sign-flip"
-    # adversary
-    method: str = "calfat"
-    epsilon: Optional[float] = None
-    step_size: Optional[float] = None
-    attack_steps: Optional[int] = None
-    eval_steps: Optional[int] = None
-    eval_step_size: Optional[float] = None
-    attack_start: Optional[str] = None
-    eps_warmup_rounds: Optional[int] = None
-    late_attack_steps: Optional[int] = None  # None: the same training attack all run long
-    late_step_size: Optional[float] = None  # None: --step-size
-    late_attack_from: float = 0.5
-    trades_beta: float = 6.0
-    calfat_tau: float = 0.1
-    calfat_scale: float = 1.0
-    mart_beta: float = 6.0
-    val_fraction: float = 0.1
-    final_attack: str = "apgd"
-    final_samples: Optional[int] = None
-    eval_every: Optional[int] = None  # None: every round, or chosen by the planner under --time-budget
-    test_every: int = 5  # the test set every N-th evaluated round (and at the last); validation every one
-    eval_samples: Optional[int] = None
-    eval_batch_size: int = 256
-    # model
-    model: Optional[str] = None
-    # cluster and outputs
-    workers: int = 2
-    cpus_per_worker: int = 1
-    device: str = "auto"
-    precision: str = "auto"
-    deterministic: bool = False
-    address: Optional[str] = None
-    storage_path: str = "./runs"
-    output_dir: Optional[str] = None  # None: <storage-path>/<name>, or runs/<name> for a storage URI
-    worker_nodes: Optional[str] = None  # comma-separated node IPs, one per worker in rank order
-    name: Optional[str] = None
-    seed: int = 0
-    checkpoint_every: int = 1
-    keep_checkpoints: int = 2
-    max_failures: int = 0
-    resume: Optional[str] = None
-    config: Optional[str] = None
-    print_config: bool = False
-    dashboard: bool = False
-    dashboard_host: str = "127.0.0.1"
-    dry_run: bool = False
-    verbose: bool = False
-
-    def resolved(self) -> "RunConfig":
-        """A copy with every per-dataset default filled in (from --preset when given)."""
-        if self.dataset not in DATASET_DEFAULTS:
-            raise ConfigError(f"--dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
-        if self.preset is not None and self.preset not in DATASET_DEFAULTS:
-            raise ConfigError(f"--preset {self.preset!r} is not one of {', '.join(DATASETS)}")
-        d = DATASET_DEFAULTS[self.preset or self.dataset]
-        return dataclasses.replace(
-            self,
-            clients=self.clients if self.clients is not None else self.workers,
-            epsilon=self.epsilon if self.epsilon is not None else d.epsilon,
-            step_size=self.step_size if self.step_size is not None else d.step_size,
-            attack_steps=self.attack_steps if self.attack_steps is not None else d.attack_steps,
-            eval_steps=self.eval_steps if self.eval_steps is not None else d.eval_steps,
-            attack_start=self.attack_start if self.attack_start is not None else d.attack_start,
-            eval_step_size=self.eval_step_size if self.eval_step_size is not None else d.eval_step_size or d.step_size,
-            model=self.model if self.model is not None else d.model,
-            lr=self.lr if self.lr is not None else d.lr,
-            batch_size=self.batch_size if self.batch_size is not None else d.batch_size,
-            lr_schedule=self.lr_schedule if self.lr_schedule is not None else d.lr_schedule,
-            eps_warmup_rounds=self.eps_warmup_rounds if self.eps_warmup_rounds is not None else d.eps_warmup_rounds,
-            aggregator_f=self.aggregator_f if self.aggregator_f is not None else self.byzantine,
-        )
-
-    def validate(self) -> "RunConfig":
-        """Raise ConfigError naming the first bad value; return self when all is well."""
-        from .models import MODELS  # local import: models pulls in torch
-
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
-        need(self.dataset in DATASETS, f"--dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
-        if self.dataset == "npz":
-            need(bool(self.data_file), "--dataset npz needs --data-file PATH (an .npz with x_train, y_train, x_test, y_test)")
-            need(os.path.isfile(self.data_file), f"--data-file {self.data_file}: no such file")
-        need(self.data_on in DATA_ON, f"--data-on {self.data_on!r} is not one of {', '.join(DATA_ON)}")
-        need(self.partition in PARTITIONS, f"--partition {self.partition!r} is not one of {', '.join(PARTITIONS)}")
-        need(self.method in METHODS, f"--method {self.method!r} is not one of {', '.join(METHODS)}")
-        need(self.aggregator in AGGREGATORS, f"--aggregator {self.aggregator!r} is not one of {', '.join(AGGREGATORS)}")
-        need(self.device in DEVICES, f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
-        need(self.precision in PRECISIONS, f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        need(self.model in MODELS, f"--model {self.model!r} is not one of {', '.join(sorted(MODELS))}")
-        need(self.workers >= 1, f"--workers must be >= 1 (got {self.workers})")
-        need(self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})")
-        need(self.clients >= 1, f"--clients must be >= 1 (got {self.clients})")
-        need(self.rounds >= 1, f"--rounds must be >= 1 (got {self.rounds})")
-        need(self.local_epochs >= 1, f"--local-epochs must be >= 1 (got {self.local_epochs})")
-        need(self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})")
-        need(self.eval_batch_size >= 1, f"--eval-batch-size must be >= 1 (got {self.eval_batch_size})")
-        need(math.isfinite(self.lr) and self.lr > 0, f"--lr must be > 0 (got {self.lr})")
-        need(0 <= self.momentum < 1, f"--momentum must be in [0, 1) (got {self.momentum})")
-        need(self.lr_schedule in LR_SCHEDULES, f"--lr-schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
-        need(self.eps_warmup_rounds >= 0, f"--eps-warmup-rounds must be >= 0 (got {self.eps_warmup_rounds})")
-        need(self.time_budget is None or (math.isfinite(self.time_budget) and self.time_budget > 0),
-             f"--time-budget must be a positive number of seconds (got {self.time_budget})")
-        need(self.weight_decay >= 0, f"--weight-decay must be >= 0 (got {self.weight_decay})")
-        need(self.beta > 0, f"--beta must be > 0 (got {self.beta})")
-        need(self.shards_per_client >= 1, f"--shards-per-client must be >= 1 (got {self.shards_per_client})")
-        need(self.min_client_size >= 1, f"--min-client-size must be >= 1 (got {self.min_client_size})")
-        need(0 < self.client_fraction <= 1, f"--client-fraction must be in (0, 1] (got {self.client_fraction})")
-        need(0 <= self.trim_ratio < 0.5, f"--trim-ratio must be in [0, 0.5) (got {self.trim_ratio})")
-        need(self.server_lr > 0, f"--server-lr must be > 0 (got {self.server_lr})")
-        need(0 <= self.byzantine < self.clients,
-             f"--byzantine must be in [0, --clients) (got {self.byzantine} with {self.clients} clients)")
-        need(self.byzantine_attack in BYZANTINE_ATTACKS,
-             f"--byzantine-attack {self.byzantine_attack!r} is not one of {', '.join(BYZANTINE_ATTACKS)}")
-        need(self.aggregator_f >= 0, f"--aggregator-f must be >= 0 (got {self.aggregator_f})")
-        from .aggregation import check_rule  # Krum needs K > 2f + 2, Bulyan K >= 4f + 3
-        per_round = self.clients if self.client_fraction >= 1 else max(1, math.ceil(self.client_fraction * self.clients))
-        try:
-            check_rule(self.aggregator, per_round, self.aggregator_f)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        need(0 <= self.epsilon <= 1, f"--epsilon must be in [0, 1] in pixel units (got {self.epsilon})")
-        need(self.step_size >= 0, f"--step-size must be >= 0 (got {self.step_size})")
-        need(self.attack_steps >= 0, f"--attack-steps must be >= 0 (got {self.attack_steps})")
-        need(self.eval_steps >= 0, f"--eval-steps must be >= 0 (got {self.eval_steps})")
-        need(self.attack_start in ATTACK_STARTS,
-             f"--attack-start {self.attack_start!r} is not one of {', '.join(ATTACK_STARTS)}")
-        need(self.eval_step_size >= 0, f"--eval-step-size must be >= 0 (got {self.eval_step_size})")
-        need(self.trades_beta >= 0, f"--trades-beta must be >= 0 (got {self.trades_beta})")
-        need(self.late_attack_steps is None or self.late_attack_steps >= 1,
-             f"--late-attack-steps must be >= 1 (got {self.late_attack_steps})")
-        need(self.late_step_size is None or self.late_step_size > 0,
-             f"--late-step-size must be > 0 (got {self.late_step_size})")
-        need(0 <= self.late_attack_from < 1, f"--late-attack-from must be in [0, 1) (got {self.late_attack_from})")
-        need(self.mart_beta >= 0, f"--mart-beta must be >= 0 (got {self.mart_beta})")
-        need(math.isfinite(self.calfat_scale) and self.calfat_scale > 0,
-             f"--calfat-scale must be > 0 (got {self.calfat_scale})")
-        need(math.isfinite(self.prox_mu) and self.prox_mu >= 0, f"--prox-mu must be >= 0 (got {self.prox_mu})")
-        need(0 <= self.sfat_alpha < 1, f"--sfat-alpha must be in [0, 1) (got {self.sfat_alpha})")
-        need(self.sfat_topk >= 0, f"--sfat-topk must be >= 0 (got {self.sfat_topk})")
-        need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
-        need(self.final_attack in FINAL_ATTACKS,
-             f"--final-attack {self.final_attack!r} is not one of {', '.join(FINAL_ATTACKS)}")
-        need(self.final_samples is None or self.final_samples >= 1,
-             f"--final-samples must be >= 1 (got {self.final_samples})")
-        need(self.eval_every is None or self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})")
-        need(self.test_every >= 1, f"--test-every must be >= 1 (got {self.test_every})")
-        need(self.eval_samples is None or self.eval_samples >= 1, f"--eval-samples must be >= 1 (got {self.eval_samples})")
-        need(self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1 (got {self.checkpoint_every})")
-        need(self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1 (got {self.keep_checkpoints})")
-        need(self.max_failures >= -1, f"--max-failures must be >= -1 (-1 = retry forever) (got {self.max_failures})")
-        if self.name is not None:
-            need(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
-                 f"--name {self.name!r} must be a plain directory name")
-        if self.worker_nodes is not None:
-            need(len(self.worker_node_list()) == self.workers,
-                 f"--worker-nodes names {len(self.worker_node_list())} node(s) for {self.workers} worker(s); "
-                 "give one node IP per worker, in rank order")
-        from .storage import is_uri
-
-        need(not is_uri(self.output_dir), f"--output-dir {self.output_dir} must be a local directory "
-             "(the run's metrics and models are written on the driver's machine)")
-        return self
-
-    def worker_node_list(self) -> Optional[list]:
-        return None if self.worker_nodes is None else [n.strip() for n in self.worker_nodes.split(",") if n.strip()]
-
-    def with_absolute_paths(self) -> "RunConfig":
-        """Every local path made absolute here, on the driver, before the config is shipped:
-        Ray Train workers run in their own working directory. Storage URIs stay as given."""
-        from .storage import absolute
-
-        return dataclasses.replace(self, data_dir=absolute(self.data_dir), data_file=absolute(self.data_file),
-                                   storage_path=absolute(self.storage_path), output_dir=absolute(self.output_dir),
-                                   resume=absolute(self.resume))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def parse_scale(text: str) -> float:
@@ -369,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of clients sampled each round (same subset on every worker)")
     g.add_argument("--rounds", type=int, default=d.rounds, help="communication rounds R (ignored with --time-budget)")
     g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="train as well as possible in this wall time: time the first round, then fix the number "
-                   "of rounds (and the lr/eps schedules) to finish inside it")
+                   help="train as well as possible in this wall time: after every round, re-plan the number of "
+                   "rounds (and the lr/late-attack schedules) from the slowest worker's pace to finish inside it")
     g.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs E per round")
     g.add_argument("--batch-size", type=int, default=None, help="local batch size B (per dataset)")
     g.add_argument("--lr", type=float, default=None, help="client SGD learning rate (per dataset)")
@@ -513,6 +227,8 @@ def resume_config(run_dir: str, given: dict) -> RunConfig:
 
     saved.setdefault("val_fraction", 0.0)  # saved before the validation split existed: it trained on all
     cfg = RunConfig.from_dict({**saved, **given})
+    # The schedules keep the run's first plan (an older summary has no schedule_rounds: its rounds were the plan).
+    cfg.schedule_rounds = saved.get("schedule_rounds") or saved.get("rounds")
     cfg.resume = os.path.abspath(run_dir)
     if saved.get("output_dir") is None and not is_uri(saved.get("storage_path")):
         # outputs and checkpoints share <storage>/<name>: follow the directory if it moved

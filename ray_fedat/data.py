@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, RunConfig
+from .errors import ConfigError
+from .run_config import RunConfig
 
 
 class DataError(ConfigError):
@@ -123,6 +124,28 @@ def hold_out_validation(data: ImageData, fraction: float, seed: int) -> ImageDat
     val, train = order[:n_val].sort().values, order[n_val:].sort().values
     return ImageData(data.x_train[train], data.y_train[train], data.x_test, data.y_test, data.num_classes,
                      data.augment, x_val=data.x_train[val], y_val=data.y_train[val])
+
+
+DIGEST_SAMPLE = 1 << 16  # image bytes hashed per array: a fixed, cheap cost whatever the dataset's size
+
+
+def data_digest(data: ImageData) -> str:
+    """A short fingerprint of the training and test sets, to check that every node holds the
+    same data (--data-on nodes): the shapes, every label, and an evenly strided sample of
+    the image bytes (an odd stride, so that it does not fall on the same pixel of each image)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for x, y in ((data.x_train, data.y_train), (data.x_test, data.y_test), (data.x_val, data.y_val)):
+        if x is None:
+            h.update(b"none")
+            continue
+        flat = x.reshape(-1)
+        stride = max(1, flat.numel() // DIGEST_SAMPLE) | 1
+        h.update(repr(tuple(x.shape)).encode())
+        h.update(np.ascontiguousarray(flat[::stride].numpy()).tobytes())
+        h.update(np.ascontiguousarray(np.asarray(y, dtype=np.int64)).tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_npz(path: str) -> ImageData:

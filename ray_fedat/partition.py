@@ -10,7 +10,7 @@ from typing import List
 
 import numpy as np
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 class PartitionError(ConfigError):

@@ -15,7 +15,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .config import PRECISIONS  # noqa: F401 - the choices of --precision
 
 # What `--precision auto` means on a CPU. Measured with benchmarks/local_throughput.py on the
 # project's machine (AMD EPYC, AVX2 but no AVX512-BF16/AMX): bf16 autocast makes an attack

@@ -16,6 +16,17 @@ def lr_at(round_: int, total_rounds: int, base_lr: float, schedule: str) -> floa
     raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
+def schedule_round(round_: int, schedule_rounds: int) -> int:
+    """The round of the planned schedule that round `round_` trains with.
+
+    The lr schedule and the late attack are planned for `schedule_rounds` rounds (the run's
+    first --rounds; with --time-budget, the current plan). A run extended past its plan
+    (`--resume DIR --rounds N`) keeps that plan: every round after its end trains with the
+    plan's last round's values, so a cosine lr stays at its end value instead of jumping
+    back up, and a late attack that had started stays on."""
+    return min(round_, schedule_rounds)
+
+
 def epsilon_at(round_: int, epsilon: float, warmup_rounds: int) -> float:
     """Linear epsilon warm-up: eps/(W+1), 2eps/(W+1), ... reaching eps after W rounds.
     Starting large-epsilon adversarial training (MNIST's 0.3) at full strength is a known

@@ -30,15 +30,57 @@ class StorageError(ValueError):
 
 
 def is_uri(path: Optional[str]) -> bool:
-    """s3://..., gs://..., hdfs://..., file://... (anything pyarrow opens by scheme)."""
-    return bool(path) and "://" in path.split("?", 1)[0]
+    """A store every node reaches by URI: s3://..., gs://..., hdfs://... (anything pyarrow
+    opens by scheme). Not file://: that is a path on each node's own disk, shared or not,
+    so it gets the same shared-disk check as a plain path."""
+    return bool(path) and "://" in path.split("?", 1)[0] and not is_file_uri(path)
+
+
+def is_file_uri(path: Optional[str]) -> bool:
+    return bool(path) and path.lower().startswith("file://")
+
+
+STORE_PROBE_TIMEOUT_S = 3.0
+
+
+def check_store_answers(storage_path: str, timeout_s: float = STORE_PROBE_TIMEOUT_S) -> None:
+    """Raise StorageError, in one line, when an s3:// storage path's endpoint does not answer
+    (or refuses us), before Ray or any worker starts and before anything is written: one
+    request for the bucket, with a short timeout and no retries. Other schemes are left to
+    Ray Train."""
+    if not is_uri(storage_path) or not storage_path.lower().startswith("s3://"):
+        return
+    from urllib.parse import parse_qs, urlparse
+
+    import pyarrow.fs
+
+    url = urlparse(storage_path)
+    query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+    endpoint = query.get("endpoint_override")
+    where = endpoint or "AWS S3"
+    options = {k: query[k] for k in ("endpoint_override", "scheme", "region") if k in query}
+    try:
+        fs = pyarrow.fs.S3FileSystem(**options, connect_timeout=timeout_s, request_timeout=timeout_s,
+                                     retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=1))
+        fs.get_file_info(url.netloc)
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())
+        reason = reason.split("Details: ", 1)[-1] if "Details: " in reason else reason
+        raise StorageError(f"--storage-path {storage_path.split('?', 1)[0]}: the object store at {where} did not "
+                           f"answer or let us in ({reason[:200]}); is it running, and are its address and "
+                           "credentials right?") from None
 
 
 def absolute(path: Optional[str]) -> Optional[str]:
     """A local path made absolute on the driver (Ray Train v2 runs workers in their own
-    working directory, so a relative path would resolve elsewhere there); URIs unchanged."""
+    working directory, so a relative path would resolve elsewhere there); a file:// URI
+    becomes its plain path; other URIs unchanged."""
     if path is None or is_uri(path):
         return path
+    if is_file_uri(path):
+        from urllib.parse import unquote, urlparse
+
+        path = unquote(urlparse(path).path)
     return os.path.abspath(os.path.expanduser(path))
 
 

@@ -16,13 +16,16 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .config import ConfigError, RunConfig, parse_config
+from .config import parse_config
+from .errors import ConfigError
+from .run_config import RunConfig
 from .monitoring import enable_state_tracking, job_config, submission_id, watch_info, watch_lines
 
 # Ray Train's report() waits for the controller's next poll of the workers, which happens
 # every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default): seconds of dead time per round.
 # Polling a handful of workers is cheap, so poll faster unless the user chose a value.
 REPORT_POLL_INTERVAL_S = "0.2"
+RAY_TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -73,8 +76,18 @@ def connect_ray(cfg: RunConfig, job_name: Optional[str] = None) -> tuple:
                  f"`ray start --head` on the head node, or omit --address/RAY_ADDRESS to run on a local Ray")
         return f"cluster at {address}{dashboard_note(info)}", True
     num_cpus = max(os.cpu_count() or 1, cfg.workers * cfg.cpus_per_worker)
-    info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.dashboard,
-                    dashboard_host=cfg.dashboard_host, **quiet)
+    # Ray then warns "Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt
+    # out": advice to turn security off, about a private Ray that keeps its token and that
+    # nobody else joins. Nothing for the user to do, so nothing said (--verbose shows it).
+    token_logger = logging.getLogger(RAY_TOKEN_SETUP_LOGGER)
+    level = token_logger.level
+    if not cfg.verbose:
+        token_logger.setLevel(logging.ERROR)
+    try:
+        info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.dashboard,
+                        dashboard_host=cfg.dashboard_host, **quiet)
+    finally:
+        token_logger.setLevel(level)
     return f"local Ray ({num_cpus} CPUs{dashboard_note(info)})", True
 
 
@@ -102,6 +115,20 @@ def plan_placement(cfg: RunConfig):
     return use_gpu, "PACK", f"{cfg.workers} workers packed on {len(nodes)} node(s)"
 
 
+def pinned_nodes(cfg: RunConfig) -> Optional[List[str]]:
+    """The node ids --worker-nodes pins the ranks to (None: Ray places them); an IP that no
+    live node has is a one-line error."""
+    import ray
+
+    if cfg.worker_nodes is None:
+        return None
+    by_ip = {n["NodeManagerAddress"]: n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    unknown = [ip for ip in cfg.worker_node_list() if ip not in by_ip]
+    if unknown:
+        fail(f"--worker-nodes: no live Ray node has IP {', '.join(unknown)} (nodes: {', '.join(sorted(by_ip))})")
+    return [by_ip[ip] for ip in cfg.worker_node_list()]
+
+
 def plan_storage_and_nodes(cfg: RunConfig, name: str, use_gpu: bool):
     """Check who sees the storage path, pin workers to nodes where needed.
     Returns (payload['storage'], per-worker label selectors or None, a sentence for the log)."""
@@ -111,13 +138,7 @@ def plan_storage_and_nodes(cfg: RunConfig, name: str, use_gpu: bool):
 
     driver_node = ray.get_runtime_context().get_node_id()
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    by_ip = {n["NodeManagerAddress"]: n["NodeID"] for n in alive}
-    pinned = None
-    if cfg.worker_nodes is not None:
-        unknown = [ip for ip in cfg.worker_node_list() if ip not in by_ip]
-        if unknown:
-            fail(f"--worker-nodes: no live Ray node has IP {', '.join(unknown)} (nodes: {', '.join(sorted(by_ip))})")
-        pinned = [by_ip[ip] for ip in cfg.worker_node_list()]
+    pinned = pinned_nodes(cfg)
     marker_dir = local_run_storage(cfg.storage_path, name)
     token = write_marker(marker_dir) if marker_dir else None
     driver = next(n for n in alive if n["NodeID"] == driver_node)
@@ -139,16 +160,21 @@ def plan_storage_and_nodes(cfg: RunConfig, name: str, use_gpu: bool):
     return storage, selectors, plan.note
 
 
+# Where the object store is, never how to get in: a runtime_env is shown on the dashboard
+# (job and actor details) to anyone holding the cluster token. Credentials reach the workers
+# from their node's own environment or ~/.aws: a local Ray inherits the driver's, and on a
+# cluster `ray start` inherits them (cluster/cluster.env: STORAGE_ENV_FILE).
+STORAGE_LOCATION_VARS = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL")
+
+
 def worker_env(cfg: RunConfig) -> dict:
-    """Environment variables the workers need from the driver: object-store credentials
-    when checkpoints go to a URI (so one command on the head is enough)."""
+    """Environment variables the workers get from the driver: where the object store is,
+    when checkpoints go to a URI. No secret (keys, session tokens) ever goes here."""
     from .storage import is_uri
 
     if not is_uri(cfg.storage_path):
         return {}
-    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-             "AWS_ENDPOINT_URL", "GOOGLE_APPLICATION_CREDENTIALS")
-    return {k: os.environ[k] for k in names if os.environ.get(k)}
+    return {k: os.environ[k] for k in STORAGE_LOCATION_VARS if os.environ.get(k)}
 
 
 def build_payload(cfg: RunConfig, data, parts, counts, use_gpu: bool) -> dict:
@@ -158,7 +184,7 @@ def build_payload(cfg: RunConfig, data, parts, counts, use_gpu: bool) -> dict:
     import torch
 
     from .client import ClientShard
-    from .worker import label_digest
+    from .data import data_digest
 
     payload = {"cfg": cfg.to_dict(), "shape": list(data.shape), "num_classes": data.num_classes,
                "augment": data.augment, "use_gpu": use_gpu, "class_counts": counts.tolist()}
@@ -170,7 +196,7 @@ def build_payload(cfg: RunConfig, data, parts, counts, use_gpu: bool) -> dict:
         payload["val_ref"] = ray.put((data.x_val, data.y_val))
     else:
         payload["partition"] = [p.astype(np.int64) for p in parts]
-        payload["label_digest"] = label_digest(data.y_train)
+        payload["data_digest"] = data_digest(data)
     return payload
 
 
@@ -192,18 +218,29 @@ def format_round(record: dict, total_rounds: Optional[int], started: float, roun
             f"{record['round_s']:5.1f} s  ETA {eta}")
 
 
-def print_new_rounds(run_dir: str, printed: int, total_rounds: int, started: float, rounds_before: int) -> int:
-    """Print the rounds of metrics.jsonl after `printed`; returns the last round printed."""
+def shown_rounds(run_dir: str) -> dict:
+    """{round: its start time} of the records in metrics.jsonl: what is already on screen or
+    from an earlier run (print_new_rounds prints a round when this changes)."""
+    from .recorder import read_metrics
+
+    return {r["round"]: r.get("started_at") for r in read_metrics(run_dir)}
+
+
+def print_new_rounds(run_dir: str, printed: dict, total_rounds: int, started: float, rounds_before: int) -> dict:
+    """Print the records of metrics.jsonl not printed yet, new rounds and rounds run again
+    (after a restart or --resume, the rounds after the last checkpoint are replayed and
+    replace the old ones); returns what has now been printed."""
     from .recorder import read_metrics
 
     try:
         records = read_metrics(run_dir)
     except (OSError, ValueError):  # caught mid-replace: next poll
         return printed
+    printed = dict(printed)
     for record in records:
-        if record["round"] > printed:
+        if record["round"] not in printed or printed[record["round"]] != record.get("started_at"):
             print(format_round(record, record.get("planned_rounds", total_rounds), started, rounds_before), flush=True)
-            printed = record["round"]
+            printed[record["round"]] = record.get("started_at")
     return printed
 
 
@@ -220,7 +257,7 @@ def fit_with_progress(trainer, run_dir: str, total_rounds: int, started: float, 
 
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
-    printed = rounds_before
+    printed = shown_rounds(run_dir)
     try:
         while thread.is_alive():
             thread.join(0.5)
@@ -448,11 +485,10 @@ def final_samples(cfg: RunConfig, records: List[dict], test_images: int, models:
     return n, "all" if n == test_images else f"as many as fit in ~{seconds:.0f} s; --final-samples N to choose"
 
 
-def run(cfg: RunConfig) -> dict:
-    """Run one federated adversarial training job; returns the summary dict."""
+def describe_data(cfg: RunConfig):
+    """prepare_data, and the header lines that describe the split: (data, parts, counts, validation images)."""
     from .partition import format_partition_table, label_skew
 
-    launched = time.time()  # a --time-budget counts from here: loading data and starting Ray included
     data, parts, counts = prepare_data(cfg)
     print(f"ray_fedat: {cfg.dataset} ({len(data.y_train)} train / {len(data.y_test)} test, "
           f"images {'x'.join(map(str, data.shape))}), {cfg.clients} clients, {cfg.partition} partition "
@@ -465,19 +501,36 @@ def run(cfg: RunConfig) -> dict:
     else:
         print("ray_fedat: --val-fraction 0: no validation set; the best models are chosen on the test set "
               "(their test accuracy is optimistic)")
+    return data, parts, counts, val_images
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run one federated adversarial training job; returns the summary dict.
+
+    What needs no data is checked first (the object store answers, the run directory is
+    free, the cluster answers and has the GPUs and nodes asked for): a mistake there is one
+    line before seconds of loading, and leaves nothing behind."""
+    launched = time.time()  # a --time-budget counts from here: loading data and starting Ray included
     if cfg.dry_run:
+        describe_data(cfg)
         print(json.dumps(cfg.to_dict(), indent=1))
         return {}
 
-    from .storage import default_output_dir
+    from .storage import StorageError, check_store_answers, default_output_dir
 
+    try:
+        check_store_answers(cfg.storage_path)
+    except StorageError as e:
+        fail(str(e))
     name = cfg.name or submission_id() or default_name(cfg)  # a submitted job: its run is named like it
     run_dir = cfg.output_dir or default_output_dir(cfg.storage_path, name)
     if cfg.resume:
         print(f"ray_fedat: resuming {run_dir} up to round {cfg.rounds}")
+        if cfg.rounds > cfg.schedule_rounds and not cfg.time_budget:
+            print(f"ray_fedat: the lr schedule and late attack keep the run's plan of {cfg.schedule_rounds} rounds: "
+                  f"rounds after {cfg.schedule_rounds} train with round {cfg.schedule_rounds}'s values")
     elif os.path.exists(run_dir) and os.listdir(run_dir):
         fail(f"run directory {run_dir} already holds a run; choose another --name, or --resume {run_dir}")
-    os.makedirs(run_dir, exist_ok=True)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
     if cfg.dashboard or cfg.address or os.environ.get("RAY_ADDRESS"):
         # Only a dashboard reads it, and it costs seconds of start-up per run (measured: the
@@ -498,6 +551,9 @@ def run(cfg: RunConfig) -> dict:
     where, owns_ray = connect_ray(cfg, name)
     try:
         use_gpu, strategy, placement = plan_placement(cfg)
+        pinned_nodes(cfg)
+        data, parts, counts, val_images = describe_data(cfg)
+        os.makedirs(run_dir, exist_ok=True)
         storage, selectors, storage_note = plan_storage_and_nodes(cfg, name, use_gpu)
         print(f"ray_fedat: {cfg.method} eps={cfg.epsilon:.4g} step={cfg.step_size:.4g} attack={cfg.attack_steps} "
               f"eval=PGD-{cfg.eval_steps} step={cfg.eval_step_size:.4g}, model {cfg.model}, "
@@ -525,8 +581,11 @@ def run(cfg: RunConfig) -> dict:
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                 callbacks=[RunRecorder(run_dir, title, run_name=name)]),
         )
-        write_summary(run_dir, cfg, counts, placement, status="running", storage=storage_note, run_name=name,
-                      val_images=val_images)
+        def summarise(status: str, **outcome) -> dict:
+            return write_summary(run_dir, cfg, counts, placement, status, launched=launched, storage=storage_note,
+                                 run_name=name, val_images=val_images, **outcome)
+
+        summarise("running")
         started = time.time()
         result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started,
                                                      len(read_metrics(run_dir)))
@@ -542,15 +601,12 @@ def run(cfg: RunConfig) -> dict:
         wall_s = time.time() - started
         final_attack = None
         if cfg.final_attack != "none" and status == "finished":
-            write_summary(run_dir, cfg, counts, placement, status, wall_s, final_model, error, launched=launched,
-                          storage=storage_note, run_name=name, val_images=val_images)  # kept if the attack is cut short
+            summarise(status, wall_s=wall_s, final_model=final_model)  # kept if the attack is cut short
             final_attack = run_final_attack(cfg, run_dir, data, final_model, records, use_gpu,
                                             final_attack_seconds(cfg, launched))
             if final_attack and not final_attack.get("error"):
                 record_final_attack(run_dir, final_attack)
-        summary = write_summary(run_dir, cfg, counts, placement, status, wall_s, final_model, error,
-                                launched=launched, storage=storage_note, run_name=name, val_images=val_images,
-                                final_attack=final_attack)
+        summary = summarise(status, wall_s=wall_s, final_model=final_model, error=error, final_attack=final_attack)
     finally:
         if owns_ray:
             ray.shutdown()

@@ -22,30 +22,22 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from .aggregation import flatten_state, server_step, unflatten_state
 from .byzantine import STREAM as BYZANTINE_STREAM
-from .byzantine import byzantine_clients, corrupt_update, flip_labels
-from .checkpoints import pack_restore_state, read_checkpoint, save_checkpoint, unpack_restore_state
+from .byzantine import byzantine_clients, corrupt_update, flip_labels, trainable_mask
+from .checkpoints import RESTORE_HEADER, pack_restore_state, read_checkpoint, save_checkpoint, unpack_restore_state
 from .client import ClientShard, LocalTrainingConfig, train_client
-from .config import RunConfig
+from .run_config import RunConfig
 from .evaluation import evaluate_distributed
-from .federation import ClientUpdates, assign_clients, generator_for, sample_clients
+from .federation import ClientUpdates, assign_clients, generator_for, sample_clients, world_and_rank
 from .models import build_model
 from .monitoring import worker_round_line
 from .precision import configure_backends, prepare_model, resolve_precision
-from .schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds
+from .schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds, schedule_round
 from .storage import RankStorage, sees_marker, storage_rank
-
-def label_digest(labels) -> str:
-    """A short fingerprint of a label array, to check every node holds the same data."""
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes()).hexdigest()[:16]
-
 
 def load_shards(payload: dict, my_clients: List[int]):
     """This worker's client shards, the test set and the validation set ((None, None) without
@@ -59,12 +51,12 @@ def load_shards(payload: dict, my_clients: List[int]):
         x_test, y_test = ray.get(payload["test_ref"])
         x_val, y_val = ray.get(payload["val_ref"])
         return shards, (x_test, y_test), (x_val, y_val)
-    from .data import hold_out_validation, load_dataset
+    from .data import data_digest, hold_out_validation, load_dataset
 
     data = hold_out_validation(load_dataset(cfg), cfg.val_fraction, cfg.seed)  # this node's own copy, split alike
-    if label_digest(data.y_train) != payload["label_digest"]:
-        raise RuntimeError(f"node {socket.gethostname()}: its copy of {cfg.dataset} differs from the driver's; "
-                           "every node needs the same files with --data-on nodes")
+    if data_digest(data) != payload["data_digest"]:
+        raise RuntimeError(f"node {socket.gethostname()}: its copy of {cfg.dataset} differs from the driver's "
+                           "(images or labels); every node needs the same files with --data-on nodes")
     shards = {}
     for cid in my_clients:
         idx = torch.as_tensor(payload["partition"][cid])
@@ -76,7 +68,7 @@ def worker_identity(device: torch.device) -> Dict:
     import ray
 
     ctx = ray.get_runtime_context()
-    return {"rank": dist.get_rank() if dist.is_initialized() else 0, "node_id": ctx.get_node_id(),
+    return {"rank": world_and_rank()[1], "node_id": ctx.get_node_id(),
             "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(), "pid": os.getpid(),
             "device": str(device)}
 
@@ -86,7 +78,7 @@ def agree_on_storage_rank(storage: dict, storage_path: str, device: torch.device
     node (one all_gather); all then pick the same storage rank."""
     import ray
 
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    world, rank = world_and_rank()
     on_driver_node = ray.get_runtime_context().get_node_id() == storage["driver_node"]
     mine = torch.tensor([float(sees_marker(storage["marker_dir"], storage["marker_token"])), float(on_driver_node)],
                         dtype=torch.float64, device=device)
@@ -98,8 +90,9 @@ def agree_on_storage_rank(storage: dict, storage_path: str, device: torch.device
 
 
 def restore_state(model: torch.nn.Module, source_rank: int, device: torch.device) -> tuple:
-    """(first round to run, best-so-far metrics) from Ray Train's latest checkpoint (after a
-    worker failure, or of the run being resumed); loads the model state in place.
+    """(first round to run, best-so-far metrics, the time-budget planner's evaluation plan or
+    None) from Ray Train's latest checkpoint (after a worker failure, or of the run being
+    resumed); loads the model state in place.
 
     Only `source_rank` reads the checkpoint: with a storage path on the driver's disk no
     other machine can. It broadcasts model, round and best-so-far in one collective."""
@@ -107,8 +100,8 @@ def restore_state(model: torch.nn.Module, source_rank: int, device: torch.device
 
     checkpoint = ray.train.get_checkpoint()  # the same on every rank
     if checkpoint is None:
-        return 1, {"natural": None, "robust": None}
-    rank = dist.get_rank() if dist.is_initialized() else 0
+        return 1, {"natural": None, "robust": None}, None
+    world, rank = world_and_rank()
     vec, spec = flatten_state(model.state_dict())
     if rank == source_rank:
         with checkpoint.as_directory() as d:
@@ -116,12 +109,12 @@ def restore_state(model: torch.nn.Module, source_rank: int, device: torch.device
         model.load_state_dict(state_dict)
         packed = pack_restore_state(flatten_state(model.state_dict())[0], state).to(device)
     else:
-        packed = torch.empty(vec.numel() + 5, dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
+        packed = torch.empty(vec.numel() + RESTORE_HEADER, dtype=torch.float64, device=device)
+    if world > 1:
         dist.broadcast(packed, src=source_rank)
     vec, state = unpack_restore_state(packed.cpu())
     model.load_state_dict(unflatten_state(vec, spec))
-    return state["round"] + 1, state["best"]
+    return state["round"] + 1, state["best"], state.get("plan")
 
 
 def check_device(model: torch.nn.Module, device: torch.device, use_gpu: bool) -> None:
@@ -147,6 +140,15 @@ def on_device(x: Optional[torch.Tensor], y: Optional[torch.Tensor], limit: Optio
     if limit:
         x, y = x[:limit], y[:limit]
     return x.to(device), y.to(device)
+
+
+def local_training_config(cfg: RunConfig, augment: bool, precision: str) -> LocalTrainingConfig:
+    """What every client's local round gets from the run's flags (lr, epsilon and the attack
+    steps are then set per round from the schedules)."""
+    return LocalTrainingConfig(cfg.method, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
+                               cfg.weight_decay, cfg.epsilon, cfg.step_size, cfg.attack_steps,
+                               cfg.trades_beta, cfg.calfat_tau, augment, cfg.attack_start, precision,
+                               cfg.mart_beta, cfg.calfat_scale, cfg.prox_mu)
 
 
 def train_loop_per_worker(payload: dict) -> None:
@@ -179,31 +181,31 @@ def train_loop_per_worker(payload: dict) -> None:
     model = prepare_model(build_model(cfg.model, payload["shape"], payload["num_classes"]), device, precision)
     check_device(model, device, payload["use_gpu"])
     writer_rank = agree_on_storage_rank(payload["storage"], cfg.storage_path, device)
-    first_round, best = restore_state(model, writer_rank, device)
+    first_round, best, plan = restore_state(model, writer_rank, device)
     global_vec, spec = flatten_state(model.state_dict())
     global_vec = global_vec.to(device)
-    local_cfg = LocalTrainingConfig(cfg.method, cfg.local_epochs, cfg.batch_size, cfg.lr, cfg.momentum,
-                                    cfg.weight_decay, cfg.epsilon, cfg.step_size, cfg.attack_steps,
-                                    cfg.trades_beta, cfg.calfat_tau, payload["augment"], cfg.attack_start, precision,
-                                    cfg.mart_beta, cfg.calfat_scale, cfg.prox_mu)
+    trainable = trainable_mask(model).to(device) if byzantine else None  # what a Byzantine client corrupts
+    local_cfg = local_training_config(cfg, payload["augment"], precision)
     identity = {**worker_identity(device), "writes_checkpoints": rank == writer_rank, "precision": precision,
+                "deterministic": torch.are_deterministic_algorithms_enabled(),
                 "loop_started_at": loop_started_at, "data_ready_at": data_ready_at}
     planner = RoundPlanner(cfg, payload.get("deadline"), device)
+    planner.restore(plan)
 
-    def scores(x, y, round_: int) -> dict:
+    def score_set(x, y, round_: int) -> dict:
         return evaluate_distributed(model, x, y, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
                                     steps=cfg.eval_steps, batch_size=cfg.eval_batch_size, seed=cfg.seed,
                                     round_=round_, device=device, num_classes=payload["num_classes"])
 
     def evaluate_validation(round_: int) -> dict:
         """Validation scores as val_* : they choose the best models, at every evaluated round."""
-        val = scores(*val_set, round_)
+        val = score_set(*val_set, round_)
         return {"val_natural_acc": val["natural_acc"], "val_robust_acc": val["robust_acc"],
                 "val_images": val["eval_images"]}
 
     def evaluate_test(round_: int) -> dict:
         """Test scores: reported only (they choose only without a validation set)."""
-        return scores(*test_set, round_)
+        return score_set(*test_set, round_)
 
     not_evaluated = {"natural_acc": None, "robust_acc": None, "eval_images": 0,
                      **({"val_natural_acc": None, "val_robust_acc": None} if val_set is not None else {})}
@@ -213,12 +215,15 @@ def train_loop_per_worker(payload: dict) -> None:
         started_at = time.time()
         t0 = time.perf_counter()
         total_rounds = planner.total_rounds
+        # With --time-budget the schedules follow the current plan; else the run's first --rounds.
+        planned = total_rounds if planner.deadline is not None else cfg.schedule_rounds
+        at = schedule_round(round_, planned)
         epsilon = epsilon_at(round_, cfg.epsilon, cfg.eps_warmup_rounds)
         # The stronger late attack, once it starts, stays (a re-plan never takes it back).
-        late = late or (cfg.late_attack_steps is not None and late_phase(round_, total_rounds, cfg.late_attack_from))
+        late = late or (cfg.late_attack_steps is not None and late_phase(at, planned, cfg.late_attack_from))
         steps, step_size = ((cfg.late_attack_steps, cfg.late_step_size or cfg.step_size) if late
                             else (cfg.attack_steps, cfg.step_size))
-        round_cfg = dataclasses.replace(local_cfg, lr=lr_at(round_, total_rounds, cfg.lr, cfg.lr_schedule),
+        round_cfg = dataclasses.replace(local_cfg, lr=lr_at(at, planned, cfg.lr, cfg.lr_schedule),
                                         epsilon=epsilon, attack_steps=steps,
                                         step_size=step_size * epsilon / max(cfg.epsilon, 1e-12))
         participants = set(sample_clients(cfg.clients, cfg.client_fraction, cfg.seed, round_))
@@ -230,7 +235,7 @@ def train_loop_per_worker(payload: dict) -> None:
             update = flatten_state(model.state_dict())[0]
             if cid in byzantine:
                 update = corrupt_update(cfg.byzantine_attack, update, global_vec,
-                                        generator_for(cfg.seed, round_, cid, BYZANTINE_STREAM))
+                                        generator_for(cfg.seed, round_, cid, BYZANTINE_STREAM), trainable)
             updates.add(cid, update, len(shards[cid]), loss)
         t_train = time.perf_counter()
 
@@ -247,8 +252,12 @@ def train_loop_per_worker(payload: dict) -> None:
         # Validation (it chooses the best models) at every evaluated round; the test set, which
         # only reports, every --test-every of them and at the last round (in full).
         eval_every = planner.eval_every  # the interval this round was planned with
-        evaluated = round_ == total_rounds or round_ == first_round or round_ % eval_every == 0
-        with_test = val_set is None or round_ == total_rounds or round_ % (eval_every * cfg.test_every) == 0
+        # Round 1 always (it times evaluation for the planner), but not the first round after a
+        # restart: an uninterrupted run would not have evaluated it, and its score could pick
+        # another best model.
+        evaluated = round_ == total_rounds or round_ == 1 or round_ % eval_every == 0
+        with_test = (val_set is None or round_ == total_rounds or round_ % (eval_every * cfg.test_every) == 0
+                     or (round_ == 1 and planner.deadline is not None))  # a budget's plan needs the test's time
         scores = dict(not_evaluated)
         val_s = test_s = None
         if evaluated and val_set is not None:
@@ -304,7 +313,8 @@ def train_loop_per_worker(payload: dict) -> None:
         t_report = time.perf_counter()
         if rank == writer_rank and wants_checkpoint:
             with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(d, model, record, best, cfg.model, payload["shape"], payload["num_classes"])
+                save_checkpoint(d, model, record, best, cfg.model, payload["shape"], payload["num_classes"],
+                                planner.plan())
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
@@ -337,6 +347,17 @@ class RoundPlanner:
         self.test_s = 0.0  # the test pass
         self.test_every = 1 if cfg.val_fraction == 0 else cfg.test_every
         self.device = device
+
+    def plan(self) -> Optional[dict]:
+        """What a restart needs to keep evaluating on the same rounds: the chosen interval and
+        the evaluation time it came from (None unless the planner chooses the interval)."""
+        return {"eval_every": self.eval_every, "eval_s": self.eval_s} if self.auto_eval_every else None
+
+    def restore(self, plan: Optional[dict]) -> None:
+        """Continue with the interval of the checkpointed run rather than evaluating every round
+        until an evaluation has been timed again."""
+        if plan and self.auto_eval_every:
+            self.eval_every, self.eval_s = int(plan["eval_every"]), float(plan["eval_s"])
 
     @property
     def known(self) -> Optional[int]:

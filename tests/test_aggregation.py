@@ -7,7 +7,7 @@ import pytest
 from ray_fedat.aggregation import (WeightedSum, aggregate, bulyan, bulyan_select, check_rule, coordinate_median,
                                    fedavg, flatten_state, krum, krum_select, multi_krum, pairwise_sq_distances,
                                    server_step, trimmed_mean, unflatten_state)
-from ray_fedat.federation import (ClientUpdates, assign_clients, coordinate_blocks, gather_client_vectors,
+from ray_fedat.federation import (ClientUpdates, assign_clients, coordinate_blocks,
                                   rank_bounds, sample_clients)
 
 
@@ -77,13 +77,6 @@ def test_client_sampling_is_seeded_per_round_and_sized_by_fraction():
     assert len(rounds) > 1
     assert sample_clients(6, 1.0, 0, 1) == list(range(6))
     assert len(sample_clients(7, 0.3, 0, 1)) == 3  # ceil(0.3 * 7)
-
-
-def test_single_process_gather_sorts_clients_and_drops_padding():
-    ids, rows, w, losses = gather_client_vectors([5, 2], [torch.ones(3), torch.zeros(3)], [10, 20], [0.5, 0.25],
-                                                 max_per_worker=3, dim=3, device=torch.device("cpu"))
-    assert ids.tolist() == [2, 5] and w.tolist() == [20.0, 10.0] and losses.tolist() == [0.25, 0.5]
-    assert torch.equal(rows, torch.stack([torch.zeros(3), torch.ones(3)]))
 
 
 def brute_krum_scores(x, f):

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from ray_fedat.byzantine import (SCALE_FACTOR, SIGN_FLIP_FACTOR, byzantine_clients, corrupt_update, flip_labels)
+from ray_fedat.byzantine import (SCALE_FACTOR, SIGN_FLIP_FACTOR, byzantine_clients, corrupt_update, flip_labels,
+                                 trainable_mask)
 from ray_fedat.client import ClientShard
 from ray_fedat.config import ConfigError, parse_config
 from ray_fedat.federation import generator_for
@@ -32,6 +33,40 @@ def test_each_attack_sends_what_byzantine_py_documents():
     assert 0.98 < float(big.std()) < 1.02
     with pytest.raises(ValueError):
         corrupt_update("bribery", local, g, generator_for(0))
+
+
+@pytest.mark.parametrize("attack", ["gaussian", "sign-flip", "scale"])
+def test_attacks_corrupt_trainable_parameters_and_leave_batchnorm_statistics_alone(attack):
+    from ray_fedat.aggregation import flatten_state, unflatten_state
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3))
+    global_vec, spec = flatten_state(model.state_dict())
+    model.train()
+    model(torch.randn(16, 1, 8, 8) * 3)  # a local step's worth of BatchNorm statistics
+    with torch.no_grad():
+        model[0].weight.add_(0.01)  # and of training
+    model.state_dict()["1.running_var"].mul_(0.5)  # below the global model's: a reversal would make it negative
+    local = flatten_state(model.state_dict())[0]
+    mask = trainable_mask(model)
+    assert int(mask.sum()) == sum(p.numel() for p in model.parameters()) < mask.numel()
+    sent = unflatten_state(corrupt_update(attack, local, global_vec, generator_for(0), mask), spec)
+    for key in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(sent[key], model.state_dict()[key]), key  # as trained
+    assert not torch.allclose(sent["0.weight"], model.state_dict()["0.weight"])  # the attack is still there
+    model.load_state_dict(sent)
+    assert torch.isfinite(model.eval()(torch.randn(4, 1, 8, 8))).all()
+    unmasked = unflatten_state(corrupt_update(attack, local, global_vec, generator_for(0)), spec)
+    assert not torch.equal(unmasked["1.running_var"], sent["1.running_var"])  # what the mask prevents
+
+
+def test_every_listed_attack_is_implemented():
+    """One list of names (defaults.BYZANTINE_ATTACKS): the flag accepts exactly what corrupt_update does."""
+    from ray_fedat.defaults import BYZANTINE_ATTACKS
+
+    for attack in BYZANTINE_ATTACKS:
+        assert parse_config(["--clients", "3", "--byzantine", "1", "--byzantine-attack", attack]).byzantine_attack == attack
+        corrupt_update(attack, torch.ones(3), torch.zeros(3), generator_for(0))
 
 
 def test_label_flip_poisons_the_labels_and_their_counts():
@@ -88,3 +123,27 @@ def test_krum_run_with_a_byzantine_client_records_it(tmp_path, ray_session):
         records = [json.loads(line) for line in f]
     assert records[-1]["participants"] == list(range(5))
     assert records[-1]["natural_acc"] > 0.5  # the N(0, 1) client is left out: the model still learns
+
+
+@pytest.mark.ray
+def test_the_attacked_clients_update_is_the_attacked_one(tmp_path, ray_session):
+    """One round in which only the Byzantine client takes part (2 clients, half sampled):
+    FedAvg of that one update is the global model plus exactly its seeded N(0, 1) noise."""
+    from ray_fedat.aggregation import flatten_state, unflatten_state
+    from ray_fedat.byzantine import STREAM
+    from ray_fedat.federation import sample_clients
+    from ray_fedat.models import build_model
+    from ray_fedat.train import run
+
+    seed = next(s for s in range(100) if sample_clients(2, 0.5, s, 1) == byzantine_clients(2, 1, s))
+    attacker = byzantine_clients(2, 1, seed)[0]
+    cfg = parse_config(["--dataset", "digits", "--storage-path", str(tmp_path), "--name", "noise", "--clients", "2",
+                        "--client-fraction", "0.5", "--byzantine", "1", "--byzantine-attack", "gaussian",
+                        "--rounds", "1", "--model", "mlp", "--eval-samples", "50", "--seed", str(seed)])
+    assert run(cfg)["status"] == "finished"
+    torch.manual_seed(seed)  # the workers' initial global model
+    initial, spec = flatten_state(build_model("mlp", (1, 8, 8), 10).state_dict())
+    noise = torch.randn(initial.shape, generator=generator_for(seed, 1, attacker, STREAM))
+    expected = unflatten_state(initial + noise, spec)
+    final = torch.load(tmp_path / "noise" / "final_model.pt", weights_only=True)
+    assert all(torch.allclose(final[k], expected[k], atol=1e-5) for k in expected)

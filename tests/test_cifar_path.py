@@ -17,7 +17,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def cifar_like_npz(tmp_path_factory):
-    """Random CIFAR-shaped images (N x 32 x 32 x 3 uint8, 10 classes), torchvision's layout."""
+    """Random CIFAR-shaped images (N x 32 x 32 x 3 uint8), torchvision's layout: 4 images of
+    4 classes, so the model has 4 outputs (enough for the path; 10 would cost 2.5x here)."""
     rng = np.random.default_rng(0)
     path = tmp_path_factory.mktemp("cifar") / "cifar_like.npz"
     np.savez(path, x_train=rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), y_train=np.arange(4),
@@ -32,10 +33,11 @@ def test_cifar10_preset_resnet18_with_augmentation_runs_end_to_end(tmp_path, ray
                         "--rounds", "1", "--batch-size", "4", "--attack-steps", "1", "--eval-steps", "1",
                         "--precision", precision, "--storage-path", str(tmp_path), "--name", precision, *extra])
     assert (cfg.model, cfg.epsilon) == ("resnet18", pytest.approx(8 / 255))
-    assert cfg.deterministic == ("--deterministic" in extra)  # its workers get CUBLAS_WORKSPACE_CONFIG
     summary = run(cfg)
     assert summary["status"] == "finished" and summary["rounds_completed"] == 1
     assert summary["workers"][0]["precision"] == precision and summary["workers"][0]["device"] == "cpu"
+    # --deterministic reaches the worker: torch's deterministic algorithms are on there, only then
+    assert summary["workers"][0]["deterministic"] == ("--deterministic" in extra)
     run_dir = os.path.join(str(tmp_path), precision)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         record = json.loads(f.readline())
@@ -43,4 +45,5 @@ def test_cifar10_preset_resnet18_with_augmentation_runs_end_to_end(tmp_path, ray
     assert 0 <= record["robust_acc"] <= record["natural_acc"] <= 1
     state = torch.load(os.path.join(run_dir, "final_model.pt"), weights_only=True)
     assert state["conv1.weight"].shape == (64, 3, 3, 3) and "layer4.1.bn2.running_var" in state  # CIFAR ResNet-18
+    assert list(state.values())[-1].shape == (4,)  # the classifier's bias: the 4 classes of the data
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())

@@ -43,6 +43,7 @@ def one_error_line(proc):
     (["127.0.0.1:6379"], {"NET_IFACE": "lo", "RAY_BIN": "/nonexistent/ray"}, "Ray is not installed"),
     (["127.0.0.1:6379"], {"NET_IFACE": "lo", "RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}, "no cluster token at"),
     (["127.0.0.1:6379"], {"NET_IFACE": "lo", "AUTH": "maybe"}, "AUTH must be 'token' or 'none'"),
+    (["127.0.0.1:6379"], {"NET_IFACE": "lo", "STORAGE_ENV_FILE": "/nonexistent/s3.env"}, "cannot be read"),
 ])
 def test_start_worker_rejects_bad_input_with_one_line(args, env, expected):
     env = {"RAY_BIN": RAY_BIN, **env}
@@ -184,6 +185,7 @@ def cluster(tmp_path_factory):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_strangers(cluster, tmp_path):
     c = cluster
     train = c.train("--rounds", "2", "--name", "readme")
@@ -254,6 +256,7 @@ def kill_worker_after_round(proc, run_dir, after_round, node_ip=None):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.parametrize("rank0", ["head", "worker"])
 def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster, rank0, request):
     c = cluster

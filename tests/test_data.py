@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from ray_fedat.data import DataError, augment_batch, hold_out_validation, load_digits, load_npz, load_torchvision
+from ray_fedat.data import (DataError, augment_batch, data_digest, hold_out_validation, load_digits, load_npz,
+                            load_torchvision)
 
 
 def test_digits_loads_as_uint8_with_a_fixed_split():
@@ -11,6 +12,22 @@ def test_digits_loads_as_uint8_with_a_fixed_split():
     assert len(a.y_train) + len(a.y_test) == 1797
     assert torch.equal(a.y_test, b.y_test) and torch.equal(a.x_train, b.x_train)
     assert int(a.x_train.max()) == 255
+
+
+def test_the_nodes_data_check_sees_the_images_not_only_the_labels():
+    import dataclasses
+
+    data = hold_out_validation(load_digits(), 0.1, 0)
+    assert data_digest(data) == data_digest(hold_out_validation(load_digits(), 0.1, 0))
+    same_labels = [
+        data.x_train.flip(-1),                                  # mirrored images
+        data.x_train // 2,                                      # another scaling
+        data.x_train[torch.randperm(len(data.y_train), generator=torch.Generator().manual_seed(0))],  # reordered
+    ]
+    for x in same_labels:
+        assert data_digest(dataclasses.replace(data, x_train=x)) != data_digest(data)
+    assert data_digest(dataclasses.replace(data, x_test=data.x_test[:, :, :7])) != data_digest(data)  # a shape
+    assert data_digest(dataclasses.replace(data, y_train=data.y_train.roll(1))) != data_digest(data)
 
 
 def test_npz_from_the_real_mnist_test_set(mnist_npz):

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from test_ray_training import comparable, final_state, max_abs_diff, train
+from test_ray_training import TIMING_KEYS, comparable, final_state, max_abs_diff, train
 
 pytestmark = pytest.mark.ray
 
@@ -22,8 +22,19 @@ def read_records(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+# A schedule that depends on the number of rounds (cosine lr, a late attack after 60% of
+# them) and an evaluation interval: a restart must change none of them.
+SCHEDULE = ["--lr-schedule", "cosine", "--late-attack-steps", "7", "--late-attack-from", "0.6", "--eval-every", "4"]
+NOT_COMPARED = TIMING_KEYS | {"resumed_from"}
+
+
+def same_rounds(records):
+    return [{k: v for k, v in r.items() if k not in NOT_COMPARED} for r in records]
+
+
+@pytest.mark.slow
 def test_a_killed_worker_costs_nothing(tmp_path, ray_session):
-    args = ["--dataset", "digits", "--rounds", "8", "--local-epochs", "2", "--max-failures", "1"]
+    args = ["--dataset", "digits", "--rounds", "8", "--local-epochs", "2", "--max-failures", "1", *SCHEDULE]
     proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", *args, "--storage-path", str(tmp_path),
                              "--name", "killed"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = str(tmp_path / "killed")
@@ -36,7 +47,9 @@ def test_a_killed_worker_costs_nothing(tmp_path, ray_session):
             os.kill(victim["pid"], signal.SIGKILL)
             break
         time.sleep(0.05)
-    assert victim is not None, "the run ended or stalled before a worker could be killed"
+    if victim is None:
+        proc.kill()
+        raise AssertionError(f"the run ended or stalled before a worker could be killed: {proc.communicate()[1][-3000:]}")
     killed_after = len(read_records(run_dir))
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -50,25 +63,59 @@ def test_a_killed_worker_costs_nothing(tmp_path, ray_session):
     with open(os.path.join(run_dir, "summary.json")) as f:
         assert victim["pid"] not in [w["pid"] for w in json.load(f)["workers"]]
 
-    _, plain, plain_dir = train(tmp_path, "plain", "--rounds", "8", "--local-epochs", "2")
+    _, plain, plain_dir = train(tmp_path, "plain", "--rounds", "8", "--local-epochs", "2", *SCHEDULE)
     assert max_abs_diff(final_state(run_dir), final_state(plain_dir)) <= 1e-6
-    assert comparable(records)[-1]["natural_acc"] == comparable(plain)[-1]["natural_acc"]
+    # Every round as in the uninterrupted run: the same lr, attack, scores, and evaluated on
+    # the same rounds (1, 4, 8), the restarted group's first round included.
+    assert same_rounds(records) == same_rounds(plain)
+    assert [r["round"] for r in records if r["natural_acc"] is not None] == [1, 4, 8]
 
 
-def test_resume_extends_a_run_like_an_uninterrupted_one(tmp_path, ray_session):
+@pytest.mark.slow
+def test_resume_after_ctrl_c_ends_with_the_uninterrupted_model(tmp_path, ray_session):
     from ray_fedat.config import parse_config
     from ray_fedat.train import run
 
-    train(tmp_path, "short", "--rounds", "2")
-    run(parse_config(["--resume", str(tmp_path / "short"), "--rounds", "4"]))
-    _, full, full_dir = train(tmp_path, "full", "--rounds", "4")
-    resumed = read_records(str(tmp_path / "short"))
-    assert [r["round"] for r in resumed] == [1, 2, 3, 4]
-    assert [r["resumed_from"] for r in resumed] == [1, 1, 3, 3]
-    drop = {"resumed_from", "planned_rounds"}  # the short run planned 2 rounds, the full one 4
-    assert [{k: v for k, v in r.items() if k not in drop} for r in comparable(resumed)] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in comparable(full)]
-    assert max_abs_diff(final_state(str(tmp_path / "short")), final_state(full_dir)) <= 1e-6
+    args = ["--dataset", "digits", "--rounds", "6", *SCHEDULE, "--eval-samples", "100"]
+    proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", *args, "--storage-path", str(tmp_path),
+                             "--name", "cut"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = str(tmp_path / "cut")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and len(read_records(run_dir)) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    cut_at = len(read_records(run_dir))
+    assert 2 <= cut_at < 6, "the run was not cut short"
+    run(parse_config(["--resume", run_dir]))  # no --rounds: it finishes the run it had planned
+    resumed = read_records(run_dir)
+    _, full, full_dir = train(tmp_path, "full", *args[2:])
+    assert [r["round"] for r in resumed] == list(range(1, 7))
+    assert any(r["resumed_from"] > 1 for r in resumed)
+    assert same_rounds(resumed) == same_rounds(full)  # lr, late attack and evaluated rounds included
+    assert max_abs_diff(final_state(run_dir), final_state(full_dir)) <= 1e-6
+
+
+@pytest.mark.slow
+def test_an_extension_keeps_the_schedule_it_was_planned_with(tmp_path, ray_session):
+    """README: `--resume DIR --rounds N` past the run's first plan trains the new rounds with
+    the plan's last-round lr and attack (a cosine lr does not jump back up)."""
+    from ray_fedat.config import parse_config
+    from ray_fedat.train import run
+
+    _, short, short_dir = train(tmp_path, "short", "--rounds", "2", *SCHEDULE, "--eval-samples", "100")
+    assert short[1]["lr"] < short[0]["lr"] and short[1]["attack_steps"] == 7  # cosine; late after 0.6 * 2 rounds
+    run(parse_config(["--resume", short_dir, "--rounds", "5"]))
+    extended = read_records(short_dir)
+    assert [r["round"] for r in extended] == [1, 2, 3, 4, 5]
+    assert [r["resumed_from"] for r in extended] == [1, 1, 3, 3, 3]
+    assert comparable(extended[:2]) == comparable(short)  # the short run, untouched
+    # Planned for 5 rounds from the start, round 3 would train at 0.65 * lr without the late attack.
+    assert [(r["lr"], r["attack_steps"]) for r in extended[2:]] == [(short[1]["lr"], 7)] * 3
+    with open(os.path.join(short_dir, "summary.json")) as f:
+        saved = json.load(f)["config"]
+    assert (saved["rounds"], saved["schedule_rounds"]) == (5, 2)
 
 
 def test_retention_and_best_robust_model(tmp_path, ray_session):

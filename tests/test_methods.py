@@ -124,3 +124,54 @@ def test_weak_yardstick_warning_only_beyond_five_points():
     assert weak_yardstick_warning(close, "pgd-100", "PGD-20") is None
     line = weak_yardstick_warning(far, "pgd-100", "PGD-20")
     assert "9.0 points below PGD-20" in line and "\n" not in line
+
+
+def identical_shard(n):
+    """n copies of one digits image: every batch is the same, whatever the shuffling."""
+    from ray_fedat.client import ClientShard
+    from ray_fedat.data import load_digits
+
+    data = load_digits()
+    return ClientShard(0, data.x_train[:1].repeat(n, 1, 1, 1), data.y_train[:1].repeat(n),
+                       torch.ones(10))
+
+
+def trained(shard, prox_mu, method="natural"):
+    from ray_fedat.client import train_client
+    from ray_fedat.federation import generator_for
+    from ray_fedat.models import build_model
+    from ray_fedat.run_config import RunConfig
+    from ray_fedat.worker import local_training_config
+
+    cfg = RunConfig(method=method, momentum=0.0, weight_decay=0.0, prox_mu=prox_mu).resolved()
+    local = local_training_config(cfg, augment=False, precision="fp32")
+    local = type(local)(**{**local.__dict__, "batch_size": 32, "lr": 0.1})
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 8, 8), 10)
+    train_client(model, shard, local, generator_for(0, 1, 0), torch.device("cpu"))
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_prox_mu_pulls_the_local_weights_back_by_lr_mu_times_their_drift():
+    """Two plain SGD steps (lr 0.1) on identical batches: the proximal term's gradient is
+    mu (w - w_global), zero in step 1 and mu (w1 - w0) in step 2, so FedProx's weights end
+    exactly lr * mu * (w1 - w0) behind plain training's."""
+    from ray_fedat.models import build_model
+
+    torch.manual_seed(0)
+    w0 = torch.cat([p.detach().reshape(-1) for p in build_model("mlp", (1, 8, 8), 10).parameters()])
+    w1 = trained(identical_shard(32), 0.0)  # one step
+    plain, prox = trained(identical_shard(64), 0.0), trained(identical_shard(64), 0.5)  # two steps
+    assert not torch.allclose(w1, w0)
+    assert torch.allclose(plain - prox, 0.1 * 0.5 * (w1 - w0), atol=1e-6)
+
+
+def test_each_method_flag_changes_what_a_client_learns():
+    from ray_fedat.data import load_digits
+    from ray_fedat.client import ClientShard
+
+    data = load_digits()
+    shard = ClientShard(0, data.x_train[:64], data.y_train[:64], torch.bincount(data.y_train[:64], minlength=10).float())
+    models = {m: trained(shard, 0.0, m) for m in ("mart", "trades", "pgd", "calfat")}
+    assert all(not torch.allclose(models["mart"], models[m]) for m in ("trades", "pgd", "calfat"))
+    assert trained(shard, 0.0, "mart").equal(models["mart"])  # and it is deterministic

@@ -110,6 +110,7 @@ def scrape(endpoint, run):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_a_dashboard_run_shows_in_the_train_api_the_jobs_list_the_logs_and_prometheus(tmp_path):
     """One short CLI run with --dashboard (its own local Ray, so the dashboard and metrics
     agent are real): Ray Train's state API lists it with its workers, the Jobs list names

@@ -152,17 +152,24 @@ def test_the_loss_is_read_once_per_client_round_not_per_batch(digits, monkeypatc
     assert len(calls) == 1 and np.isfinite(loss)
 
 
-def test_a_shard_moved_to_the_device_trains_exactly_like_one_left_on_the_host(digits):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the device path is tested where it exists")
+def test_a_shard_moved_to_the_gpu_trains_like_one_left_on_the_host(digits):
+    """The worker moves each shard to its GPU once and indexes, converts and attacks batches
+    there, with the same CPU-seeded draws: the model must come out as on the CPU (to float
+    tolerance: GPU kernels sum in another order)."""
+    gpu = torch.device("cuda", 0)
     shard = shard_of(digits, 200)
-    moved = shard.to(CPU)
-    assert moved.x.dtype == torch.uint8 and moved.client_id == shard.client_id and len(moved) == 200
+    moved = shard.to(gpu)
+    assert moved.x.device.type == "cuda" and moved.x.dtype == torch.uint8 and len(moved) == 200
+    assert moved.y.device.type == "cuda" and shard.x.device.type == "cpu"  # a copy: the host shard stays
     models = []
-    for s in (shard, moved):
+    for s, device in ((shard, CPU), (moved, gpu)):
         torch.manual_seed(0)
-        models.append(build_model("mlp", digits.shape, 10))
-        train_client(models[-1], s, local_cfg("calfat", 1, "fp32", steps=2), generator_for(0, 1, 0), CPU)
-    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
-        assert torch.equal(a, b)
+        models.append(build_model("mlp", digits.shape, 10).to(device))
+        train_client(models[-1], s, local_cfg("calfat", 1, "fp32", steps=2), generator_for(0, 1, 0), device)
+    for key, a in models[0].state_dict().items():
+        b = models[1].state_dict()[key]
+        assert b.device.type == "cuda" and torch.allclose(a, b.cpu(), atol=1e-4), key
 
 
 def test_precision_auto_is_fp32_on_cpu_and_bf16_on_a_bf16_gpu(monkeypatch):

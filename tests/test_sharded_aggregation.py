@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 
 from ray_fedat.aggregation import aggregate
 
-RULES = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
+RULES = ("fedavg", "sfat", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
+SFAT_TOPK = 2  # the two lowest losses, clients 0 and 1: on different ranks in the interleaved placement
 DIM = 1003  # not a multiple of the block sizes: the last block is ragged
 
 
@@ -35,7 +36,7 @@ def run_rank(rank, world, store_file, out_dir, placements):
             updates = ClientUpdates(rule, DIM, len(mine), torch.device("cpu"))
             for cid in mine:
                 updates.add(cid, x[cid], weights[cid], 0.01 * cid)
-            ids, w, losses, out = updates.aggregate(ids_by_rank, trim_ratio=0.2, f=1)
+            ids, w, losses, out = updates.aggregate(ids_by_rank, trim_ratio=0.2, f=1, sfat_topk=SFAT_TOPK)
             results[(name, rule)] = {"ids": ids, "w": w, "losses": losses, "out": out}
         # several blocks with a small budget: the block loop, not only one exchange
         own = x[mine] if mine else torch.empty(0, DIM)
@@ -64,7 +65,11 @@ def test_two_gloo_ranks_match_the_single_process_rule(two_rank_results, placemen
     assert torch.equal(r0["out"], r1["out"])  # every rank holds the same global model
     k = sum(len(ids) for ids in PLACEMENTS[placement])
     x, weights = client_vectors(k)
-    expected = aggregate(rule.replace("-small-blocks", ""), x, weights, trim_ratio=0.2, f=1)
+    losses = 0.01 * torch.arange(k).double()
+    expected = aggregate(rule.replace("-small-blocks", ""), x, weights, trim_ratio=0.2, f=1, losses=losses,
+                         sfat_topk=SFAT_TOPK)
+    if rule == "sfat":  # its upweighting is visible: not FedAvg's result
+        assert not torch.allclose(expected, aggregate("fedavg", x, weights), atol=1e-3)
     assert torch.allclose(r0["out"], expected, atol=1e-5, rtol=1e-6)
     if "ids" in r0:
         assert r0["ids"].tolist() == list(range(k))

@@ -29,6 +29,15 @@ def test_relative_paths_are_resolved_on_the_driver_and_uris_are_kept(tmp_path, m
     assert cfg.data_dir == str(tmp_path / "data")
 
 
+def test_a_file_uri_is_a_local_path_and_gets_the_shared_disk_check(tmp_path):
+    cfg = parse_config(["--storage-path", f"file://{tmp_path}/my%20runs"])
+    assert cfg.storage_path == str(tmp_path / "my runs") and not is_uri(f"file://{tmp_path}")
+    assert default_output_dir(f"file://{tmp_path}", "r1") == str(tmp_path / "r1")
+    # a node that does not see the driver's disk: only the driver's node may write checkpoints
+    plan = plan_storage(f"file://{tmp_path}", {"a": True, "b": False}, "a", driver_can_host=True)
+    assert not plan.shared and plan.pin_driver_node
+
+
 def test_output_dir_defaults_beside_local_checkpoints_and_to_runs_for_a_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert default_output_dir(str(tmp_path / "st"), "r1") == str(tmp_path / "st" / "r1")
@@ -97,6 +106,22 @@ def test_restore_state_round_trips_model_round_and_best_exactly():
     out_vec, out_state = unpack_restore_state(pack_restore_state(vec, state))
     assert torch.equal(out_vec, vec) and out_vec.dtype == torch.float32
     assert out_state == state
+    planned = {**state, "plan": {"eval_every": 3, "eval_s": 1.25}}  # a time-budget run's evaluation interval
+    assert unpack_restore_state(pack_restore_state(vec, planned))[1] == planned
+
+
+def test_a_restarted_time_budget_run_keeps_its_evaluation_interval():
+    from ray_fedat.config import parse_config
+    from ray_fedat.worker import RoundPlanner
+
+    cfg = parse_config(["--time-budget", "100"])
+    planner = RoundPlanner(cfg, deadline=1e12, device=torch.device("cpu"))
+    assert planner.eval_every == 1 and planner.plan() == {"eval_every": 1, "eval_s": 0.0}
+    planner.restore({"eval_every": 4, "eval_s": 2.5})
+    assert (planner.eval_every, planner.eval_s) == (4, 2.5) and planner.plan() == {"eval_every": 4, "eval_s": 2.5}
+    fixed = RoundPlanner(parse_config(["--time-budget", "100", "--eval-every", "2"]), 1e12, torch.device("cpu"))
+    fixed.restore({"eval_every": 4, "eval_s": 2.5})
+    assert fixed.eval_every == 2 and fixed.plan() is None  # the user's --eval-every stays
 
 
 def test_token_is_found_in_the_environment_or_the_default_file(tmp_path):
@@ -110,6 +135,17 @@ def test_token_is_found_in_the_environment_or_the_default_file(tmp_path):
     env = {"RAY_AUTH_TOKEN_PATH": str(path), "RAY_AUTH_MODE": "disabled"}
     use_token_if_available(env)
     assert env["RAY_AUTH_MODE"] == "disabled"  # the user's explicit choice wins
+
+
+def test_a_ray_without_token_authentication_has_no_authentication_error_to_catch(monkeypatch):
+    import ray.exceptions
+
+    from ray_fedat.auth import authentication_error
+
+    assert authentication_error() is ray.exceptions.AuthenticationError
+    monkeypatch.delattr(ray.exceptions, "AuthenticationError")  # as in Ray < 2.52
+    stand_in = authentication_error()
+    assert issubclass(stand_in, Exception) and not issubclass(stand_in, (OSError, RuntimeError))
 
 
 def test_split_address():

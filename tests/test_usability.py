@@ -111,6 +111,7 @@ def test_report_curves_and_tensorboard_for_two_runs(tmp_path, ray_session):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path):
     run_dir = tmp_path / "stopped"
     proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--rounds", "200",
@@ -129,3 +130,67 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["rounds_completed"] >= 2
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == summary["rounds_completed"]
+
+
+def closed_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--storage-path", "s3://bucket/runs?endpoint_override=127.0.0.1:{port}&scheme=http"],
+     "the object store at 127.0.0.1:{port} did not answer"),
+    (["--address", "127.0.0.1:{port}"], "127.0.0.1:{port}"),
+])
+def test_an_unreachable_store_or_cluster_is_one_line_before_any_work(tmp_path, flags, expected):
+    port = closed_port()
+    flags = [f.format(port=port) for f in flags]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", *flags],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("ray_fedat: error:") and expected.format(port=port) in lines[0]
+    assert proc.stdout == ""  # no data loaded, no partition table: the mistake comes first
+    assert not any(tmp_path.iterdir())  # and no run directory is left behind
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("flags, expected", [
+    (["--device", "cuda"], "--device cuda needs 2 GPUs in the cluster (one per worker), found 0"),
+    (["--worker-nodes", "10.213.99.1,10.213.99.2"], "--worker-nodes: no live Ray node has IP 10.213.99.1, 10.213.99.2"),
+])
+def test_cluster_mistakes_are_found_before_the_data_is_loaded(tmp_path, ray_session, capsys, flags, expected):
+    from ray_fedat.train import run
+
+    with pytest.raises(SystemExit) as e:
+        run(parse_config(["--dataset", "digits", "--storage-path", str(tmp_path), "--name", "r", *flags]))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and expected in err
+    assert "partition" not in out and "train /" not in out  # no data was loaded
+    assert not any(tmp_path.iterdir())
+
+
+def test_rounds_run_again_after_a_resume_are_printed(tmp_path, capsys):
+    """--resume restarts from the last checkpoint: the rounds after it run again, replace
+    the old records, and the console shows them."""
+    from ray_fedat.train import print_new_rounds, shown_rounds
+
+    def write(records):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def record(round_, started_at):
+        return {"round": round_, "started_at": started_at, "natural_acc": 0.5, "robust_acc": 0.25,
+                "train_loss": 1.0, "round_s": 1.0, "planned_rounds": 4}
+
+    write([record(r, 100 + r) for r in (1, 2, 3)])  # the old run; its checkpoint is round 1's
+    printed = shown_rounds(str(tmp_path))
+    write([record(1, 101), record(2, 200), record(3, 201), record(4, 202)])  # 2 and 3 replayed, 4 new
+    printed = print_new_rounds(str(tmp_path), printed, 4, 0.0, 3)
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[1] for ln in lines] == ["2/4", "3/4", "4/4"]
+    print_new_rounds(str(tmp_path), printed, 4, 0.0, 3)
+    assert capsys.readouterr().out == ""  # each once

@@ -1,0 +1,73 @@
+"""Every choice a flag accepts, and the per-dataset defaults of the training recipe.
+
+Plain data, no torch: the run configuration, the CLI parser and the modules that
+implement a choice (byzantine.py, precision.py, ...) all read the lists from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+DATASETS = ("mnist", "fmnist", "cifar10", "digits", "npz")
+PARTITIONS = ("iid", "dirichlet", "shards")
+METHODS = ("calfat", "trades", "mart", "pgd", "fgsm-rs", "natural")
+AGGREGATORS = ("fedavg", "sfat", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
+BYZANTINE_ATTACKS = ("sign-flip", "gaussian", "scale", "label-flip")  # byzantine.corrupt_update does them
+DEVICES = ("auto", "cpu", "cuda")
+DATA_ON = ("driver", "nodes")
+ATTACK_STARTS = ("gaussian", "uniform")  # see attacks.kl_attack
+PRECISIONS = ("auto", "fp32", "bf16")  # see precision.py
+FINAL_ATTACKS = ("none", "pgd-100", "apgd", "autoattack")  # see final_eval.py
+CALFAT_PAPER_SCALE = 10.0  # s in the CalFAT authors' code: cross_entropy(s * (z + 0.1 log n_c), y)
+
+
+
+@dataclass(frozen=True)
+class DatasetDefaults:
+    epsilon: float
+    step_size: float
+    attack_steps: int
+    eval_steps: int
+    model: str
+    lr: float
+    batch_size: int
+    lr_schedule: str = "constant"
+    eps_warmup_rounds: int = 0
+    eval_step_size: Optional[float] = None  # None: the training step size
+    attack_start: str = "gaussian"  # the article's KL attack start
+
+
+# The reference article's settings: MNIST/FMNIST eps=0.3 step 0.01 (40 attack steps on
+# MNIST, 10 otherwise; PGD-40 eval on MNIST, PGD-20 otherwise); CIFAR-10 eps=8/255 step 2/255.
+# The per-round yardstick follows Madry's rule, steps x step >= 2.5 eps, so that it can reach
+# the edge of the ball from anywhere inside it: the article's MNIST PGD-40 at step 0.01 moves at
+# most 0.4 (1.33 eps) and rewarded gradient masking (93.25% robust under it, 72.6% under
+# APGD-CE + APGD-T). MNIST/FMNIST: PGD-20 at 0.0375 (= 2.5 eps / 20, half PGD-40's cost);
+# CIFAR-10 and npz: PGD-20 at 2/255 (5 eps); digits: PGD-10 at 0.025 (2.5 eps). The final
+# strong attack (final_eval.py) gives the headline number.
+# Beyond the article, on MNIST/FMNIST (measured with the loop now in
+# benchmarks/recipe_ablation.py, see benchmarks/README.md: real MNIST, 8k images, 2 IID
+# clients averaged every epoch, one core, PGD-20 on 1k test images):
+# - the KL attack starts at a uniform random point of the eps-ball, not at x + 0.001 N(0,1):
+#   CalFAT after 9 epochs 90.1% vs 80.8% robust (3 steps of 0.1);
+# - 3 attack steps of 0.1 instead of 40 of 0.01 (3 x 0.1 still crosses the ball): an epoch
+#   costs under a third of 10 steps', and robust accuracy per second is higher (PGD-AT:
+#   89.8% after 177 s with 3 steps, 88.4% after 201 s with 5 of 0.075, 81.6% after 221 s
+#   with 10 of 0.04);
+# - batch 64: a FedAvg round of two clients makes half the SGD steps of one pass of central
+#   training; smaller batches give them back (75.7% vs 64.3% after 3 epochs, 10 steps);
+# - the TRADES small CNN rather than LeNet, a cosine learning-rate decay over the rounds,
+#   and an epsilon warm-up over the first rounds (the article's fixed eps=0.3 from round 1
+#   can collapse MNIST to chance accuracy).
+# FMNIST takes MNIST's changes without having been measured (no copy of it here); CIFAR-10
+# keeps the article's attack. digits (8x8, 1.4k training images) is the no-download
+# smoke-test set: a light attack and a small, quick-to-start model keep it fast.
+DATASET_DEFAULTS = {
+    "mnist": DatasetDefaults(0.3, 0.1, 3, 20, "smallcnn", 0.02, 64, "cosine", 2, eval_step_size=0.0375,
+                             attack_start="uniform"),
+    "fmnist": DatasetDefaults(0.3, 0.1, 3, 20, "smallcnn", 0.02, 64, "cosine", 2, eval_step_size=0.0375,
+                              attack_start="uniform"),
+    "cifar10": DatasetDefaults(8 / 255, 2 / 255, 10, 20, "resnet18", 0.05, 128, "cosine", 1),
+    "digits": DatasetDefaults(0.1, 0.025, 5, 10, "lenet", 0.05, 32),
+    "npz": DatasetDefaults(8 / 255, 2 / 255, 10, 20, "smallcnn", 0.01, 64),
+}
