@@ -38,7 +38,8 @@ def summarize(run_dir: str) -> dict:
         "worst_client_rob": clients.get("worst"),
         "bottom20_rob": clients.get("bottom_mean"),
         "final_attack": attack.get("attack") if final_strong is not None else None,
-        "final_strong_rob": final_strong,
+        "final_strong_rob": final_strong,  # the headline robust accuracy
+        "final_attack_images": attack.get("images") if final_strong is not None else None,
         "wall_s": summary.get("wall_s"),
     }
 
@@ -47,14 +48,15 @@ def format_table(rows: List[dict]) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
 
-    header = ["run", "dataset", "method", "partition", "K", "rounds", "final nat", "final rob",
+    header = ["run", "dataset", "method", "partition", "K", "rounds", "final nat", "final rob (yardstick)",
               "best nat (round)", "best rob (round)", "chosen on", "worst client rob", "bottom 20% rob",
-              "final attack", "wall", "status"]
+              "final robust (strong attack)", "wall", "status"]
     body = [[r["run"], r["dataset"], r["method"], r["partition"], str(r["clients"]), str(r["rounds"]),
              pct(r["final_nat"]), pct(r["final_rob"]), f"{pct(r['best_nat'])} ({r['best_nat_round']})",
              f"{pct(r['best_rob'])} ({r['best_rob_round']})", r["chosen_on"], pct(r["worst_client_rob"]),
              pct(r["bottom20_rob"]),
-             "-" if r["final_strong_rob"] is None else f"{r['final_attack']} {pct(r['final_strong_rob'])}",
+             "-" if r["final_strong_rob"] is None else
+             f"{pct(r['final_strong_rob'])} {r['final_attack']}, {r['final_attack_images']} images",
              "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}s", r["status"]] for r in rows]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]

@@ -85,8 +85,8 @@ def read_tensorboard_scalars(run_dir):
 def test_report_curves_and_tensorboard_for_two_runs(tmp_path, ray_session):
     from test_ray_training import train
 
-    _, records_a, dir_a = train(tmp_path, "a", "--rounds", "3")
-    _, _, dir_b = train(tmp_path, "b", "--rounds", "2", "--method", "pgd")
+    summary_a, records_a, dir_a = train(tmp_path, "a", "--rounds", "3", "--test-every", "1")
+    _, _, dir_b = train(tmp_path, "b", "--rounds", "2", "--method", "pgd", "--final-attack", "none")
     for run_dir in (dir_a, dir_b):
         with open(os.path.join(run_dir, "curves.png"), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -96,6 +96,8 @@ def test_report_curves_and_tensorboard_for_two_runs(tmp_path, ray_session):
     scalars = read_tensorboard_scalars(dir_a)
     assert [step for step, _ in scalars["natural_acc"]] == [1, 2, 3]
     assert [v for _, v in scalars["robust_acc"]] == pytest.approx([r["robust_acc"] for r in records_a])
+    headline = summary_a["headline"]  # the final attack's number, at the last round
+    assert scalars["final_attack/final_robust_acc"] == [(3, pytest.approx(headline["robust_acc"]))]
 
     proc = subprocess.run([sys.executable, "-m", "ray_fedat.report", dir_a, dir_b], capture_output=True, text=True,
                           timeout=120)
@@ -104,6 +106,7 @@ def test_report_curves_and_tensorboard_for_two_runs(tmp_path, ray_session):
     assert lines[0].split()[:3] == ["run", "dataset", "method"]
     row_a = next(ln for ln in lines if ln.startswith("a "))
     assert "calfat" in row_a and f"{100 * records_a[-1]['robust_acc']:.1f}%" in row_a
+    assert f"{100 * headline['robust_acc']:.1f}% APGD-CE + APGD-T, {headline['images']} images" in row_a
     assert any(ln.startswith("b ") and "pgd" in ln for ln in lines)
     bad = subprocess.run([sys.executable, "-m", "ray_fedat.report", str(tmp_path / "nope")], capture_output=True,
                          text=True, timeout=120)
