@@ -361,8 +361,9 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
             "warning": weak_yardstick_warning(results, cfg.final_attack, yardstick)}
 
 
-def run(cfg: RunConfig) -> dict:
-    """Run one federated adversarial training job; returns the summary dict."""
+def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
+    """Run one federated adversarial training job; returns the summary dict.
+    `callbacks`: more Ray Train callbacks beside the run's recorder (a sweep adds Tune's)."""
     from .partition import format_partition_table, label_skew
 
     launched = time.time()  # a --time-budget counts from here: loading data and starting Ray included
@@ -436,7 +437,7 @@ def run(cfg: RunConfig) -> dict:
                 worker_runtime_env={"env_vars": {**worker_env(cfg), **deterministic_env_vars(cfg.deterministic)}},
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                callbacks=[RunRecorder(run_dir, title, run_name=name)]),
+                callbacks=[RunRecorder(run_dir, title, run_name=name), *callbacks]),
         )
         write_summary(run_dir, cfg, counts, placement, status="running", storage=storage_note, run_name=name,
                       val_images=val_images)
