@@ -171,7 +171,8 @@ def sweep_dir_of(raw: dict, sweep_name: str) -> str:
     return os.path.join(absolute(str(storage)), sweep_name)
 
 
-def run_argv(grid: Grid, cell: Cell, seed: int, sweep_dir: str, time_budget: Optional[float]) -> List[str]:
+def run_argv(grid: Grid, cell: Cell, seed: int, sweep_dir: str, time_budget: Optional[float],
+             rounds: Optional[int] = None) -> List[str]:
     """The complete train command line of one run: shared values, the cell's, its seed, and
     its place (--storage-path <sweep dir> --name <run>), paths made absolute."""
     from .storage import absolute
@@ -180,6 +181,8 @@ def run_argv(grid: Grid, cell: Cell, seed: int, sweep_dir: str, time_budget: Opt
               "name": run_name(cell.name, seed)}
     if time_budget is not None:
         values["time_budget"] = time_budget
+    if rounds is not None:
+        values["rounds"] = rounds
     for key in PATH_KEYS:
         if values.get(key) is not None:
             values[key] = absolute(str(values[key]))
@@ -204,7 +207,7 @@ def run_state(run_dir: str, retry_failed: bool = False) -> Tuple[str, str]:
 
 
 def plan_runs(grid: Grid, sweep_dir: str, time_budget: Optional[float] = None,
-              retry_failed: bool = False) -> List[PlannedRun]:
+              retry_failed: bool = False, rounds: Optional[int] = None) -> List[PlannedRun]:
     """Every cell x seed, with what this invocation does with it."""
     runs = []
     for cell in grid.cells:
@@ -212,9 +215,9 @@ def plan_runs(grid: Grid, sweep_dir: str, time_budget: Optional[float] = None,
             name = run_name(cell.name, seed)
             run_dir = os.path.join(sweep_dir, name)
             state, note = run_state(run_dir, retry_failed)
-            argv = run_argv(grid, cell, seed, sweep_dir, time_budget)
+            argv = run_argv(grid, cell, seed, sweep_dir, time_budget, rounds)
             if state == "resume":  # train's --resume: the run's own saved settings, from its checkpoint
-                argv = ["--resume", run_dir]
+                argv = ["--resume", run_dir] + ([] if rounds is None else ["--rounds", str(rounds)])
             runs.append(PlannedRun(name, cell.name, seed, argv, state, note))
     return runs
 
@@ -396,6 +399,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the cells and runs (and what would run) and exit")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="each run's --time-budget (overrides the grid's time_budget)")
+    p.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help="each run's --rounds (overrides the grid's rounds; e.g. a 2-round smoke test of a grid)")
     p.add_argument("--max-concurrent", type=int, default=None, metavar="N",
                    help="at most N runs at once (default: as many as the cluster's CPUs/GPUs hold)")
     p.add_argument("--retry-failed", action="store_true", help="resume failed runs too (default: keep them as failed)")
@@ -417,7 +422,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if not name or "/" in name or name in (".", ".."):
             raise ConfigError(f"--name {name!r} must be a plain directory name")
         sweep_dir = sweep_dir_of(raw, name)
-        runs = plan_runs(grid, sweep_dir, args.time_budget, args.retry_failed)
+        runs = plan_runs(grid, sweep_dir, args.time_budget, args.retry_failed, args.rounds)
         for r in runs:  # every run's flags checked before anything starts
             try:
                 parse_config(r.argv)
