@@ -320,7 +320,7 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
     import ray
     from ray import tune
 
-    from .train import REPORT_POLL_INTERVAL_S, connect_ray
+    from .train import REPORT_POLL_INTERVAL_S, connect_ray, fail
 
     todo = [r for r in runs if r.state in ("new", "resume")]
     cfgs = {r.name: parse_config(r.argv) for r in todo}
@@ -368,6 +368,9 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
         if owns_ray:
             ray.shutdown()
     write_and_print_table(sweep_dir)
+    left = [r.name for r in todo if run_state(os.path.join(sweep_dir, r.name))[0] not in DONE_STATUSES]
+    if left:  # Ctrl-C (Tune stops its trials), or a trial lost with its node
+        fail(f"{len(left)} run(s) not finished ({', '.join(left)}); the same command resumes them", code=130)
 
 
 def write_and_print_table(sweep_dir: str) -> None:

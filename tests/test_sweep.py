@@ -53,6 +53,21 @@ def test_a_run_is_the_train_command_line_the_cli_parses(tmp_path):
     assert flags_to_argv({"verbose": False, "rounds": 3}) == ["--rounds", "3"]
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", [os.path.join(REPO, "grids", "digits-methods.yaml"),
+                                  os.path.join(REPO, "benchmarks", "sweep_mnist.yaml")])
+def test_shipped_grids_expand_into_valid_runs(path, tmp_path):
+    raw = read_grid_file(path)
+    if raw.get("data_file"):  # the MNIST grid's npz is made by benchmarks/common.py: any file parses here
+        raw["data_file"] = str(tmp_path / "mnist8k.npz")
+        (tmp_path / "mnist8k.npz").write_bytes(b"")
+    runs = plan_runs(expand_grid(raw), str(tmp_path))
+    cfgs = [parse_config(r.argv) for r in runs]
+    assert len({(c.method, c.seed) for c in cfgs}) == len(runs) >= 4 and all(c.workers == 1 for c in cfgs)
+
+
 def test_one_value_gives_one_cell_named_base():
     grid = expand_grid({"dataset": "digits", "seed": 3})
     assert [c.name for c in grid.cells] == ["base"] and grid.seeds == [3]
