@@ -272,6 +272,7 @@ def sweep_trial(config: dict, runs: Dict[str, dict]) -> dict:
 
     config = runs[config["name"]]
     run_dir = config["run_dir"]
+    os.chdir(config["cwd"])  # Tune starts a trial in its own directory: relative paths mean the user's
     try:
         cfg = parse_config(config["argv"])
         summary = run(cfg, callbacks=[TuneReportCallback()])
@@ -347,13 +348,16 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
         # Train V2 workers get their own placement group, outside the trial's: a trial that
         # reserved its workers' CPUs would count them twice (one run at a time where two
         # fit). So the trial (the run's driver) reserves no CPU, only the memory a driver
-        # holds (Ray refuses an empty reservation), and the concurrency limit, sized from
-        # the largest run's workers, is what keeps the running trials' workers within the
-        # cluster, as Ray's Train V2 + Tune guide does.
-        runs_by_name = {r.name: {"name": r.name, "argv": r.argv, "run_dir": os.path.join(sweep_dir, r.name)}
-                        for r in todo}
+        # holds, and the concurrency limit, sized from the largest run's workers, is what
+        # keeps the running trials' workers within the cluster, as Ray's Train V2 + Tune
+        # guide does. The trial is pinned to this node (a sliver of its node:<ip>
+        # resource): a run's driver reads the data and writes the run directory on its own
+        # disk, as the CLI does here.
+        here = f"node:{ray.util.get_node_ip_address()}"
+        runs_by_name = {r.name: {"name": r.name, "argv": r.argv, "run_dir": os.path.join(sweep_dir, r.name),
+                                 "cwd": os.getcwd()} for r in todo}
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, runs=runs_by_name),
-                                         {"cpu": 0, "memory": DRIVER_MEMORY})
+                                         {"cpu": 0, "memory": DRIVER_MEMORY, here: 0.001})
         tuner = tune.Tuner(
             trainable,
             param_space={"name": tune.grid_search(list(runs_by_name))},

@@ -237,3 +237,21 @@ def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path):
     for d in ("pgd_s0", "trades_s1"):
         records = [json.loads(ln) for ln in (sweep_dir / d / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [1, 2]
+
+
+@pytest.mark.ray
+def test_a_run_inside_a_ray_worker_uses_that_ray(ray_session):
+    """A Tune trial is a Ray worker: train.run's connect_ray must reuse its Ray, not start or
+    shut down one."""
+    import ray
+
+    from ray_fedat.train import connect_ray
+
+    cfg = parse_config(["--dataset", "digits", "--workers", "1"])
+
+    @ray.remote(num_cpus=0)
+    def inside():
+        return ray.is_initialized(), connect_ray(cfg), ray.is_initialized()
+
+    before, (where, owns_ray), after = ray.get(inside.remote(), timeout=120)
+    assert before and after and not owns_ray and where == "the Ray already running in this process"
