@@ -22,7 +22,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -284,7 +283,7 @@ def sweep_trial(config: dict, runs: Dict[str, dict]) -> dict:
         return {"status": status, "run": config["name"], "error": note}
 
 
-def make_progress_callback(total: int, done_before: int, concurrency: int, time_budget: Optional[float]):
+def make_progress_callback(total: int, done_before: int, concurrency: int):
     """A Tune callback on the sweep driver: one line per run started and ended, with the ETA."""
     from ray.tune import Callback
 
@@ -301,12 +300,10 @@ def make_progress_callback(total: int, done_before: int, concurrency: int, time_
         def _ended(self, trial, how: str):
             self.done += 1
             self.durations.append(time.time() - self.started.get(trial.trial_id, time.time()))
-            remaining = total - self.done
-            durations = self.durations or ([time_budget] if time_budget else [])
             status = (trial.last_result or {}).get("status", how)
+            eta = eta_seconds(self.durations, total - self.done, concurrency)
             print(f"ray_fedat.sweep: {trial.config['name']} {status} in {format_seconds(self.durations[-1])}; "
-                  f"{self.done}/{total} runs done, ETA {format_seconds(eta_seconds(durations, remaining, concurrency))}",
-                  flush=True)
+                  f"{self.done}/{total} runs done, ETA {format_seconds(eta)}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._ended(trial, "finished")
@@ -342,8 +339,11 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
     try:
         concurrency = concurrent_runs(ray.cluster_resources(), [run_resources(c) for c in cfgs.values()],
                                       args.max_concurrent)
+        budgets = [c.time_budget for c in cfgs.values()]
+        eta = "" if None in budgets else \
+            f", ETA {format_seconds(eta_seconds([max(budgets)], len(todo), concurrency))} from the time budget"
         print(f"ray_fedat.sweep: {len(todo)} of {len(runs)} runs to go "
-              f"({sum(r.state == 'resume' for r in todo)} resumed), {concurrency} at a time on {where}; "
+              f"({sum(r.state == 'resume' for r in todo)} resumed), {concurrency} at a time on {where}{eta}; "
               f"results in {sweep_dir}", flush=True)
         # Train V2 workers get their own placement group, outside the trial's: a trial that
         # reserved its workers' CPUs would count them twice (one run at a time where two
@@ -364,8 +364,7 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(
                 name="tune", storage_path=sweep_dir, verbose=0,
-                callbacks=[make_progress_callback(len(runs), len(runs) - len(todo), concurrency,
-                                                  args.time_budget or first.time_budget)]),
+                callbacks=[make_progress_callback(len(runs), len(runs) - len(todo), concurrency)]),
         )
         tuner.fit()
     finally:

@@ -4,7 +4,6 @@ The pure functions are tested without Ray; one test runs a real grid on Ray Tune
 driver halfway and runs the same command again."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
