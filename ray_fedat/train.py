@@ -345,7 +345,11 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
         x, y = x[: cfg.final_samples], y[: cfg.final_samples]
     yardstick = f"PGD-{cfg.eval_steps}"
     print(f"ray_fedat: attacking {' and '.join(states)} with {ATTACK_NAMES[cfg.final_attack]} on {len(y)} test images")
-    task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_retries=0)(evaluate_models)
+    # scheduling_strategy DEFAULT: never inside the caller's placement group (a run inside a
+    # Ray Tune trial, as in ray_fedat.sweep, would otherwise have its tasks captured by the
+    # trial's group, which holds no CPU for them).
+    task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_retries=0,
+                      scheduling_strategy="DEFAULT")(evaluate_models)
     started = time.time()
     try:  # one task per model: they run side by side where the cluster has room
         refs = [task.remote({name: state}, cfg.model, data.shape, data.num_classes, x, y, cfg.final_attack,
