@@ -194,11 +194,12 @@ def sweep_command(grid):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path):
-    """2 methods x 2 seeds, 2 rounds, 1 worker per trial, two trials at once on a 2-CPU Ray.
+    """2 methods x 2 seeds, 2 rounds, 1 worker per trial, two trials at once, PGD-100 at the end.
     The driver is killed once the first run has finished; the same command runs the rest."""
     grid = tmp_path / "grid.yaml"
     grid.write_text(f"dataset: digits\nworkers: 1\nrounds: 2\nmethod: [pgd, trades]\nseed: [0, 1]\n"
                     f"attack-steps: 2\neval-steps: 2\neval-samples: 100\nval-fraction: 0\n"
+                    f"final-attack: pgd-100\nfinal-samples: 50\n"
                     f"storage-path: {tmp_path}\n")
     sweep_dir = tmp_path / "grid"
     command = sweep_command(grid) + ["--max-concurrent", "2"]
@@ -231,6 +232,9 @@ def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path):
             ln.startswith("| trades")]
     assert [r.split(" | ")[:2] for r in rows] == [["| pgd", "2/2"], ["| trades", "2/2"]]
     assert all(r.rstrip().endswith("| ok |") for r in rows)
+    header = (sweep_dir / "table.md").read_text().splitlines()[0]
+    assert "robust PGD-100 %" in header  # the final attack ran inside the trials (its task left the trial's group)
+    assert all(r.split(" | ")[4].strip() for r in rows)
     table_csv = (sweep_dir / "table.csv").read_text().splitlines()
     assert len(table_csv) == 3 and (sweep_dir / "table.png").is_file()
     for d in ("pgd_s0", "trades_s1"):
