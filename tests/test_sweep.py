@@ -161,12 +161,12 @@ def test_table_files_and_report_sweep(tmp_path):
     paths = write_table(str(tmp_path))
     assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     proc = subprocess.run([sys.executable, "-m", "ray_fedat.report", "--sweep", str(tmp_path)], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "| pgd | 2/2 | 85.0 ± 7.1 | 55.0 ± 7.1 |" in proc.stdout
     assert "| trades | 0/2 |" in proc.stdout and "s0 unfinished; s1 not run" in proc.stdout
     bad = subprocess.run([sys.executable, "-m", "ray_fedat.report", "--sweep", str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no sweep.json" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -174,14 +174,14 @@ def test_dry_run_prints_cells_and_runs_and_bad_grids_are_one_line(tmp_path):
     grid = tmp_path / "g.yaml"
     grid.write_text(f"dataset: digits\nworkers: 1\nmethod: [pgd, trades]\nseed: [0, 1]\nstorage-path: {tmp_path}\n")
     proc = subprocess.run([sys.executable, "-m", "ray_fedat.sweep", str(grid), "--dry-run"], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "2 cell(s) x 2 seed(s) = 4 runs" in proc.stdout and "cell trades: " in proc.stdout
     assert "run trades_s1: new" in proc.stdout and "--method trades --seed 1 --name trades_s1" in proc.stdout
     assert not (tmp_path / "g").exists()  # nothing started, nothing written
     grid.write_text("dataset: digits\nmethod: [pgd, nope]\n")
     bad = subprocess.run([sys.executable, "-m", "ray_fedat.sweep", str(grid), "--dry-run"], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == ["ray_fedat: error: run nope_s0: --method 'nope' is not one of "
                                                "calfat, trades, mart, pgd, fgsm-rs, natural"]
