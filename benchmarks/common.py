@@ -73,3 +73,9 @@ def read_metrics(run_dir: str) -> list:
 def round_cycles(records: list) -> list:
     """Wall time from the start of each round to the start of the next (the last round has none)."""
     return [b["started_at"] - a["started_at"] for a, b in zip(records, records[1:])]
+
+
+if __name__ == "__main__":  # python benchmarks/common.py PATH.npz: the 8k/2k split, for a sweep's grid file
+    target = sys.argv[1] if len(sys.argv) > 1 else "runs/mnist8k.npz"
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    print(mnist_8k_2k_npz(target))

@@ -1,4 +1,5 @@
-"""Compare runs: `python -m ray_fedat.report runs/a runs/b ...` prints one row per run."""
+"""Compare runs: `python -m ray_fedat.report runs/a runs/b ...` prints one row per run;
+`python -m ray_fedat.report --sweep runs/GRID` (re)writes a sweep's table (mean ± std per cell)."""
 from __future__ import annotations
 
 import argparse
@@ -66,15 +67,38 @@ def format_table(rows: List[dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ray_fedat.report", description=__doc__)
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    parser.add_argument("run_dirs", nargs="*", metavar="RUN_DIR")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--sweep", metavar="DIR", default=None,
+                        help="a `python -m ray_fedat.sweep` directory: write its table.md, table.csv, table.png")
     args = parser.parse_args(argv)
+    if args.sweep:
+        report_sweep(args.sweep, args.json)
+        return
+    if not args.run_dirs:
+        parser.error("give run directories, or --sweep DIR")
     try:
         rows = [summarize(d) for d in args.run_dirs]
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"ray_fedat.report: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
+
+
+def report_sweep(sweep_dir: str, as_json: bool = False) -> None:
+    from .sweep_table import sweep_rows, write_table
+
+    try:
+        paths = write_table(sweep_dir)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"ray_fedat.report: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    if as_json:
+        print(json.dumps(sweep_rows(sweep_dir), indent=1))
+        return
+    with open(paths["md"]) as f:
+        print(f.read(), end="")
+    print(f"ray_fedat.report: wrote {', '.join(paths.values())}")
 
 
 if __name__ == "__main__":

@@ -404,6 +404,9 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
     yardstick = f"PGD-{cfg.eval_steps}"
     print(f"ray_fedat: final attack: {ATTACK_NAMES[cfg.final_attack]} on {' and '.join(states)} model, "
           f"{samples} of {len(data.y_test)} test images ({how}), split over {cfg.workers} worker(s)", flush=True)
+    # An explicit scheduling strategy (SPREAD: the shards go to different nodes where they can)
+    # also keeps the tasks out of the caller's placement group: inside a Ray Tune trial (ray_fedat.sweep)
+    # they would otherwise be captured by the trial's group, which holds no CPU for them.
     task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_retries=0,
                       scheduling_strategy="SPREAD")(attack_shard)
     started = time.time()
@@ -504,8 +507,9 @@ def describe_data(cfg: RunConfig):
     return data, parts, counts, val_images
 
 
-def run(cfg: RunConfig) -> dict:
+def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
     """Run one federated adversarial training job; returns the summary dict.
+    `callbacks`: more Ray Train callbacks beside the run's recorder (a sweep adds Tune's).
 
     What needs no data is checked first (the object store answers, the run directory is
     free, the cluster answers and has the GPUs and nodes asked for): a mistake there is one
@@ -579,7 +583,7 @@ def run(cfg: RunConfig) -> dict:
                 worker_runtime_env={"env_vars": {**worker_env(cfg), **deterministic_env_vars(cfg.deterministic)}},
                 failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                callbacks=[RunRecorder(run_dir, title, run_name=name)]),
+                callbacks=[RunRecorder(run_dir, title, run_name=name), *callbacks]),
         )
         def summarise(status: str, **outcome) -> dict:
             return write_summary(run_dir, cfg, counts, placement, status, launched=launched, storage=storage_note,

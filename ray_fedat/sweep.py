@@ -1,0 +1,448 @@
+"""Experiment grids: `python -m ray_fedat.sweep GRID.yaml` runs every cell x seed of a grid as a
+Ray Tune trial and writes the paper's table (mean ± std over seeds).
+
+The grid is a run config file (the keys of `python -m ray_fedat.train --config`) where a list
+means "vary this": `method: [pgd, trades]`, `beta: [0.1, 0.5]`; `seed: [0, 1]` gives each cell
+its seeds. Every run is the CLI's own code path: its flags go through `config.parse_config`
+and it trains with `train.run`, inside a Tune trial (Ray's Train V2 + Tune pattern: the trial
+function builds and fits the TorchTrainer, `TuneReportCallback` forwards each round to Tune).
+
+Runs live in <storage-path>/<sweep>/<cell>_s<seed>/, laid out exactly like a CLI run (so
+`ray_fedat.report`, `ray_fedat.evaluate` and `train --resume` work on each); the sweep's own
+files (sweep.json, table.md, table.csv, table.png) sit beside them. Re-running the same
+command skips finished runs and resumes interrupted ones from their checkpoints.
+
+The functions down to `plan_runs` are pure (no Ray): they expand, name and plan the runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .config import ConfigError, build_parser, parse_config
+
+# Keys a grid may not set: the sweep chooses them for every run.
+SWEEP_OWNED = ("name", "output_dir", "resume", "config", "print_config", "dry_run")
+# Keys that must be the same for every run: where the sweep's Ray and directory are.
+SHARED_ONLY = ("storage_path", "address", "dashboard", "dashboard_host")
+PATH_KEYS = ("data_dir", "data_file", "storage_path")  # made absolute: Tune trials run elsewhere
+SWEEP_FILE = "sweep.json"
+DRIVER_MEMORY = 256 * 2**20  # bytes a trial reserves for its run's driver (data, Ray handles)
+# A run's summary.json status -> what the sweep does with it.
+DONE_STATUSES = ("finished", "failed")  # failed: kept and shown as failed (--retry-failed resumes it)
+
+
+@dataclass
+class Cell:
+    name: str
+    values: Dict[str, object]  # the varying keys' values for this cell (file order)
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    cell: str
+    seed: int
+    argv: List[str]  # the `python -m ray_fedat.train` flags of this run
+    state: str = "new"  # new, resume, finished, failed
+    note: str = ""
+
+
+@dataclass
+class Grid:
+    shared: Dict[str, object]
+    varying: Dict[str, list]
+    seeds: List[int]
+    cells: List[Cell] = field(default_factory=list)
+
+
+def read_grid_file(path: str) -> dict:
+    """The grid file's mapping, keys as the train flags' names with underscores."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such grid file")
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        else:
+            import yaml
+
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
+        raise ConfigError(f"{path}: cannot parse it ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of train flag names to values (lists vary)")
+    return {str(k).lstrip("-").replace("-", "_"): v for k, v in raw.items()}
+
+
+def expand_grid(raw: dict) -> Grid:
+    """Split a grid mapping into shared values, varying keys (lists) and seeds, and list the
+    cells: the cartesian product of the varying keys, in file order, the first key slowest."""
+    known = {a.dest for a in build_parser()._actions} - {"help"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"unknown key {key!r} (keys are the train flags, e.g. method, beta, seed)")
+        if key in SWEEP_OWNED:
+            raise ConfigError(f"{key!r} cannot be set in a grid: the sweep names and places every run itself")
+    seeds = raw.get("seed", 0)
+    seeds = list(seeds) if isinstance(seeds, list) else [seeds]
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"seed must be an integer or a list of integers (got {raw.get('seed')!r})")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seed lists a seed twice: {seeds}")
+    varying, shared = {}, {}
+    for key, value in raw.items():
+        if key == "seed":
+            continue
+        if isinstance(value, list):
+            if not value:
+                raise ConfigError(f"{key}: an empty list gives no runs")
+            if key in SHARED_ONLY:
+                raise ConfigError(f"{key} cannot vary within a sweep (all its runs share one Ray and one directory)")
+            if len(set(map(repr, value))) != len(value):
+                raise ConfigError(f"{key} lists a value twice: {value}")
+            varying[key] = value
+        else:
+            shared[key] = value
+    grid = Grid(shared, varying, seeds)
+    combos: List[Dict[str, object]] = [{}]
+    for key, values in varying.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    grid.cells = [Cell(cell_name(c), c) for c in combos]
+    names = [c.name for c in grid.cells]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ConfigError(f"two cells get the same directory name {clash[0]!r}; make the varying values distinct")
+    return grid
+
+
+def name_part(value: object) -> str:
+    """A value as it appears in a directory name: 8/255 -> 8_255, True -> true."""
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_") or "none"
+
+
+def cell_name(values: Dict[str, object]) -> str:
+    """`pgd_beta0.1_clients4`: the method's name alone, every other varying key as key+value;
+    `base` when nothing varies."""
+    parts = [name_part(v) if k == "method" else f"{k.replace('_', '-')}{name_part(v)}" for k, v in values.items()]
+    return "_".join(parts) or "base"
+
+
+def run_name(cell: str, seed: int) -> str:
+    return f"{cell}_s{seed}"
+
+
+def flags_to_argv(values: Dict[str, object]) -> List[str]:
+    """Train flags (dest -> value) as a command line, spelled as the CLI's parser reads them."""
+    actions = {a.dest: a for a in build_parser()._actions}
+    argv: List[str] = []
+    for key, value in values.items():
+        action = actions[key]
+        flag = next(o for o in action.option_strings if o.startswith("--"))
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif action.nargs == 0:  # store_true
+            if value:
+                argv.append(flag)
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def sweep_dir_of(raw: dict, sweep_name: str) -> str:
+    from .storage import absolute, is_uri
+
+    storage = raw.get("storage_path", "./runs")
+    if is_uri(str(storage)):
+        raise ConfigError(f"storage_path {storage}: a sweep keeps its runs in a local directory (a mounted path "
+                          "works on a cluster); storage URIs are not supported in sweeps yet")
+    return os.path.join(absolute(str(storage)), sweep_name)
+
+
+def run_argv(grid: Grid, cell: Cell, seed: int, sweep_dir: str, time_budget: Optional[float],
+             rounds: Optional[int] = None) -> List[str]:
+    """The complete train command line of one run: shared values, the cell's, its seed, and
+    its place (--storage-path <sweep dir> --name <run>), paths made absolute."""
+    from .storage import absolute
+
+    values = {**grid.shared, **cell.values, "seed": seed, "storage_path": sweep_dir,
+              "name": run_name(cell.name, seed)}
+    if time_budget is not None:
+        values["time_budget"] = time_budget
+    if rounds is not None:
+        values["rounds"] = rounds
+    for key in PATH_KEYS:
+        if values.get(key) is not None:
+            values[key] = absolute(str(values[key]))
+    return flags_to_argv(values)
+
+
+def run_state(run_dir: str, retry_failed: bool = False) -> Tuple[str, str]:
+    """(state, note) of a run directory: new (nothing there), finished, failed (both kept),
+    or resume (started and cut short: the driver was killed, Ctrl-C, a lost node)."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.isfile(path):
+        return "new", ""
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return "resume", "summary.json unreadable"
+    status = summary.get("status")
+    if status == "finished" or (status == "failed" and not retry_failed):
+        return status, summary.get("error") or ""
+    return "resume", f"{status} after round {summary.get('rounds_completed', 0)}"
+
+
+def plan_runs(grid: Grid, sweep_dir: str, time_budget: Optional[float] = None,
+              retry_failed: bool = False, rounds: Optional[int] = None) -> List[PlannedRun]:
+    """Every cell x seed, with what this invocation does with it."""
+    runs = []
+    for cell in grid.cells:
+        for seed in grid.seeds:
+            name = run_name(cell.name, seed)
+            run_dir = os.path.join(sweep_dir, name)
+            state, note = run_state(run_dir, retry_failed)
+            argv = run_argv(grid, cell, seed, sweep_dir, time_budget, rounds)
+            if state == "resume":  # train's --resume: the run's own saved settings, from its checkpoint
+                argv = ["--resume", run_dir] + ([] if rounds is None else ["--rounds", str(rounds)])
+            runs.append(PlannedRun(name, cell.name, seed, argv, state, note))
+    return runs
+
+
+def sweep_record(grid_path: str, grid: Grid, runs: List[PlannedRun]) -> dict:
+    """sweep.json: which runs make which cell (the table reads it)."""
+    return {"grid_file": os.path.abspath(grid_path), "shared": grid.shared, "varying": grid.varying,
+            "seeds": grid.seeds,
+            "cells": [{"name": c.name, "values": c.values,
+                       "runs": [run_name(c.name, s) for s in grid.seeds]} for c in grid.cells]}
+
+
+def run_resources(cfg) -> Dict[str, float]:
+    """What one run's Train workers hold while it trains."""
+    need = {"CPU": float(cfg.workers * cfg.cpus_per_worker)}
+    if cfg.device == "cuda":
+        need["GPU"] = float(cfg.workers)
+    return need
+
+
+def concurrent_runs(cluster: Dict[str, float], needs: Sequence[Dict[str, float]], limit: Optional[int] = None) -> int:
+    """How many runs fit side by side without starving each other's workers: the cluster's
+    resources over the largest run's needs (at least one; never more than `limit`)."""
+    fit = min((int(cluster.get(k, 0) // v) for need in needs for k, v in need.items() if v > 0), default=1)
+    fit = max(1, fit)
+    return min(fit, limit) if limit else fit
+
+
+def eta_seconds(durations: Sequence[float], remaining: int, concurrency: int) -> Optional[float]:
+    """Remaining runs x the mean run so far, spread over the runs that go side by side."""
+    if not durations:
+        return None
+    return math.ceil(remaining / max(concurrency, 1)) * (sum(durations) / len(durations))
+
+
+def format_seconds(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ---- running it (Ray from here on) ----
+
+def sweep_trial(config: dict, runs: Dict[str, dict]) -> dict:
+    """One Tune trial: the CLI's own path (parse_config, then train.run), with Tune's report
+    callback added to the run's Train callbacks. Never raises: the run's status is in its
+    summary.json, and a failed run is a row of the table, not a lost trial."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import run
+
+    config = runs[config["name"]]
+    run_dir = config["run_dir"]
+    os.chdir(config["cwd"])  # Tune starts a trial in its own directory: relative paths mean the user's
+    try:
+        cfg = parse_config(config["argv"])
+        summary = run(cfg, callbacks=[TuneReportCallback()])
+        return {"status": summary.get("status", "finished"), "run": config["name"]}
+    except ConfigError as e:
+        return {"status": "failed", "run": config["name"], "error": str(e)}
+    except SystemExit:  # train.fail(): the run wrote its status and error into summary.json
+        status, note = run_state(run_dir)
+        return {"status": status, "run": config["name"], "error": note}
+
+
+def make_progress_callback(total: int, done_before: int, concurrency: int):
+    """A Tune callback on the sweep driver: one line per run started and ended, with the ETA."""
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self):
+            self.started: Dict[str, float] = {}
+            self.durations: List[float] = []
+            self.done = done_before
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started[trial.trial_id] = time.time()
+            print(f"ray_fedat.sweep: started {trial.config['name']}", flush=True)
+
+        def _ended(self, trial, how: str):
+            self.done += 1
+            self.durations.append(time.time() - self.started.get(trial.trial_id, time.time()))
+            status = (trial.last_result or {}).get("status", how)
+            eta = eta_seconds(self.durations, total - self.done, concurrency)
+            print(f"ray_fedat.sweep: {trial.config['name']} {status} in {format_seconds(self.durations[-1])}; "
+                  f"{self.done}/{total} runs done, ETA {format_seconds(eta)}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._ended(trial, "finished")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._ended(trial, "failed")
+
+    return Progress()
+
+
+def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun], args) -> None:
+    import ray
+    from ray import tune
+
+    from .train import REPORT_POLL_INTERVAL_S, connect_ray, fail
+
+    todo = [r for r in runs if r.state in ("new", "resume")]
+    cfgs = {r.name: parse_config(r.argv) for r in todo}
+    os.makedirs(sweep_dir, exist_ok=True)
+    with open(os.path.join(sweep_dir, SWEEP_FILE), "w") as f:
+        json.dump(sweep_record(grid_path, grid, runs), f, indent=1)
+    if not todo:
+        print(f"ray_fedat.sweep: all {len(runs)} runs are done already")
+        write_and_print_table(sweep_dir)
+        return
+    for r in todo:
+        run_dir = os.path.join(sweep_dir, r.name)
+        if r.state == "new" and os.path.isdir(run_dir):  # cut short before its summary: nothing to keep
+            shutil.rmtree(run_dir)
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
+    first = next(iter(cfgs.values()))
+    where, owns_ray = connect_ray(first, os.path.basename(sweep_dir))
+    try:
+        concurrency = concurrent_runs(ray.cluster_resources(), [run_resources(c) for c in cfgs.values()],
+                                      args.max_concurrent)
+        budgets = [c.time_budget for c in cfgs.values()]
+        eta = "" if None in budgets else \
+            f", ETA {format_seconds(eta_seconds([max(budgets)], len(todo), concurrency))} from the time budget"
+        print(f"ray_fedat.sweep: {len(todo)} of {len(runs)} runs to go "
+              f"({sum(r.state == 'resume' for r in todo)} resumed), {concurrency} at a time on {where}{eta}; "
+              f"results in {sweep_dir}", flush=True)
+        # Train V2 workers get their own placement group, outside the trial's: a trial that
+        # reserved its workers' CPUs would count them twice (one run at a time where two
+        # fit). So the trial (the run's driver) reserves no CPU, only the memory a driver
+        # holds, and the concurrency limit, sized from the largest run's workers, is what
+        # keeps the running trials' workers within the cluster, as Ray's Train V2 + Tune
+        # guide does. The trial is pinned to this node (a sliver of its node:<ip>
+        # resource): a run's driver reads the data and writes the run directory on its own
+        # disk, as the CLI does here.
+        here = f"node:{ray.util.get_node_ip_address()}"
+        runs_by_name = {r.name: {"name": r.name, "argv": r.argv, "run_dir": os.path.join(sweep_dir, r.name),
+                                 "cwd": os.getcwd()} for r in todo}
+        trainable = tune.with_resources(tune.with_parameters(sweep_trial, runs=runs_by_name),
+                                         {"cpu": 0, "memory": DRIVER_MEMORY, here: 0.001})
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"name": tune.grid_search(list(runs_by_name))},
+            tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+            run_config=tune.RunConfig(
+                name="tune", storage_path=sweep_dir, verbose=0,
+                callbacks=[make_progress_callback(len(runs), len(runs) - len(todo), concurrency)]),
+        )
+        tuner.fit()
+    finally:
+        if owns_ray:
+            ray.shutdown()
+    write_and_print_table(sweep_dir)
+    left = [r.name for r in todo if run_state(os.path.join(sweep_dir, r.name))[0] not in DONE_STATUSES]
+    if left:  # Ctrl-C (Tune stops its trials), or a trial lost with its node
+        fail(f"{len(left)} run(s) not finished ({', '.join(left)}); the same command resumes them", code=130)
+
+
+def write_and_print_table(sweep_dir: str) -> None:
+    from .sweep_table import write_table
+
+    paths = write_table(sweep_dir)
+    with open(paths["md"]) as f:
+        print(f.read(), end="")
+    print(f"ray_fedat.sweep: table in {', '.join(paths.values())}")
+
+
+def print_plan(grid: Grid, runs: List[PlannedRun], sweep_dir: str) -> None:
+    print(f"ray_fedat.sweep: {len(grid.cells)} cell(s) x {len(grid.seeds)} seed(s) = {len(runs)} runs in {sweep_dir}")
+    print(f"  shared: {json.dumps(grid.shared)}")
+    for cell in grid.cells:
+        print(f"  cell {cell.name}: {json.dumps(cell.values)}")
+    for r in runs:
+        note = f" ({r.note})" if r.note else ""
+        print(f"  run {r.name}: {r.state}{note}\n    python -m ray_fedat.train {' '.join(r.argv)}")
+
+
+def build_sweep_parser() -> argparse.ArgumentParser:
+    from .config import _OneLineParser
+
+    p = _OneLineParser(prog="python -m ray_fedat.sweep", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("grid", metavar="GRID", help="YAML or TOML grid file: train flags, lists where a value varies")
+    p.add_argument("--name", default=None, help="the sweep's directory under storage_path (default: the grid file's name)")
+    p.add_argument("--dry-run", action="store_true", help="print the cells and runs (and what would run) and exit")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="each run's --time-budget (overrides the grid's time_budget)")
+    p.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help="each run's --rounds (overrides the grid's rounds; e.g. a 2-round smoke test of a grid)")
+    p.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                   help="at most N runs at once (default: as many as the cluster's CPUs/GPUs hold)")
+    p.add_argument("--retry-failed", action="store_true", help="resume failed runs too (default: keep them as failed)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from .train import fail
+
+    args = build_sweep_parser().parse_args(argv)
+    try:
+        if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
+            raise ConfigError(f"--time-budget must be a positive number of seconds (got {args.time_budget})")
+        if args.max_concurrent is not None and args.max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent must be >= 1 (got {args.max_concurrent})")
+        raw = read_grid_file(args.grid)
+        grid = expand_grid(raw)
+        name = args.name or os.path.splitext(os.path.basename(args.grid))[0]
+        if not name or "/" in name or name in (".", ".."):
+            raise ConfigError(f"--name {name!r} must be a plain directory name")
+        sweep_dir = sweep_dir_of(raw, name)
+        runs = plan_runs(grid, sweep_dir, args.time_budget, args.retry_failed, args.rounds)
+        for r in runs:  # every run's flags checked before anything starts
+            try:
+                parse_config(r.argv)
+            except ConfigError as e:
+                raise ConfigError(f"run {r.name}: {e}") from None
+        if args.dry_run:
+            print_plan(grid, runs, sweep_dir)
+            return
+        run_sweep(args.grid, sweep_dir, grid, runs, args)
+    except ConfigError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; finished runs are kept, and the same command resumes the rest", code=130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""A sweep's table: one row per cell, mean ± std over its seeds (table.md, table.csv, table.png).
+
+Only finished runs are averaged; a cell whose run failed, diverged (NaN), was cut short or
+never ran says so in its status column and in n, so a failure is never averaged away.
+summary.json is read defensively: a key it lacks (an older run, no final attack) is a blank.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import statistics
+from typing import Dict, List, Optional
+
+from .sweep import SWEEP_FILE
+
+METRICS = ("natural", "yardstick_robust", "final_attack_robust", "worst_client_robust")
+
+
+def dig(d, *keys):
+    """d[k1][k2]... or None where any level is missing."""
+    for key in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def read_summary(run_dir: str) -> Optional[dict]:
+    try:
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def run_outcome(summary: Optional[dict]) -> str:
+    """finished, diverged (the model went NaN/inf), failed, unfinished, or not run."""
+    if summary is None:
+        return "not run"
+    status = summary.get("status")
+    if status == "finished":
+        return "finished"
+    if status == "failed":
+        error = str(summary.get("error") or "")
+        return "diverged" if "FloatingPointError" in error or "NaN" in error else "failed"
+    return "unfinished"
+
+
+def run_values(summary: dict) -> Dict[str, Optional[float]]:
+    """One run's numbers for the table (None where the summary has no such entry)."""
+    return {
+        "natural": dig(summary, "final", "natural_acc"),
+        "yardstick_robust": dig(summary, "final", "robust_acc"),
+        "final_attack_robust": dig(summary, "final_attack", "models", "final", "robust_acc"),
+        "worst_client_robust": dig(summary, "client_robustness", "robust", "worst"),
+        "rounds": summary.get("rounds_completed"),
+        "wall_s": summary.get("wall_s"),
+    }
+
+
+def mean_std(values: List[Optional[float]]) -> Dict[str, Optional[float]]:
+    """Mean and sample standard deviation of the values present (std None below two)."""
+    present = [float(v) for v in values if v is not None]
+    return {"mean": statistics.fmean(present) if present else None,
+            "std": statistics.stdev(present) if len(present) >= 2 else None, "n": len(present)}
+
+
+def cell_row(cell: dict, summaries: Dict[str, Optional[dict]]) -> dict:
+    """One cell's row from its runs' summaries (run name -> summary or None)."""
+    outcomes = {name: run_outcome(summaries.get(name)) for name in cell["runs"]}
+    finished = [summaries[name] for name, o in outcomes.items() if o == "finished"]
+    values = [run_values(s) for s in finished]
+    row = {"cell": cell["name"], "values": cell.get("values", {}), "runs": len(cell["runs"]), "n": len(finished)}
+    for metric in METRICS:
+        row[metric] = mean_std([v[metric] for v in values])
+    rounds = sorted({v["rounds"] for v in values if v["rounds"] is not None})
+    row["rounds"] = "-".join(map(str, [rounds[0], rounds[-1]] if len(rounds) > 1 else rounds))
+    row["wall_s"] = mean_std([v["wall_s"] for v in values])["mean"]
+    attacks = sorted({dig(s, "final_attack", "attack") for s in finished} - {None})
+    row["final_attack"] = ", ".join(attacks)
+    yardsticks = sorted({f"PGD-{dig(s, 'config', 'eval_steps')}" for s in finished if dig(s, "config", "eval_steps")})
+    row["yardstick"] = ", ".join(yardsticks)
+    problems = [f"{name.rsplit('_', 1)[-1]} {o}" for name, o in outcomes.items() if o != "finished"]
+    row["status"] = "; ".join(problems) if problems else "ok"
+    return row
+
+
+def sweep_rows(sweep_dir: str) -> List[dict]:
+    path = os.path.join(sweep_dir, SWEEP_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{sweep_dir}: no {SWEEP_FILE} (not a ray_fedat sweep directory)")
+    with open(path) as f:
+        sweep = json.load(f)
+    rows = []
+    for cell in sweep["cells"]:
+        summaries = {name: read_summary(os.path.join(sweep_dir, name)) for name in cell["runs"]}
+        rows.append(cell_row(cell, summaries))
+    return rows
+
+
+def pct(stat: Dict[str, Optional[float]]) -> str:
+    """`97.1 ± 0.4` (percent); one run: `97.1`; none: blank."""
+    if stat["mean"] is None:
+        return ""
+    return f"{100 * stat['mean']:.1f}" + ("" if stat["std"] is None else f" ± {100 * stat['std']:.1f}")
+
+
+def column_names(rows: List[dict]) -> Dict[str, str]:
+    yardstick = ", ".join(sorted({r["yardstick"] for r in rows if r["yardstick"]})) or "PGD"
+    attack = ", ".join(sorted({r["final_attack"] for r in rows if r["final_attack"]})) or "final attack"
+    return {"natural": "natural %", "yardstick_robust": f"robust {yardstick} %",
+            "final_attack_robust": f"robust {attack} %", "worst_client_robust": f"worst client robust {yardstick} %"}
+
+
+def format_markdown(rows: List[dict]) -> str:
+    names = column_names(rows)
+    header = ["cell", "n", *[names[m] for m in METRICS], "rounds", "wall (s)", "status"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        cells = [r["cell"], f"{r['n']}/{r['runs']}", *[pct(r[m]) for m in METRICS], r["rounds"],
+                 "" if r["wall_s"] is None else f"{r['wall_s']:.0f}", r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nmean ± sample std over the cell's finished runs (n of its runs); accuracy on the " \
+        "test set at the last round; worst client: the final model's robust accuracy on the client whose own label " \
+        "mix is hardest.\n"
+
+
+def format_csv(rows: List[dict]) -> str:
+    keys = sorted({k for r in rows for k in r["values"]})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    header = ["cell", *keys, "runs", "n"]
+    for m in METRICS:
+        header += [f"{m}_mean", f"{m}_std"]
+    writer.writerow(header + ["yardstick", "final_attack", "rounds", "wall_s_mean", "status"])
+    for r in rows:
+        line = [r["cell"], *[r["values"].get(k, "") for k in keys], r["runs"], r["n"]]
+        for m in METRICS:
+            line += ["" if r[m]["mean"] is None else f"{r[m]['mean']:.4f}",
+                     "" if r[m]["std"] is None else f"{r[m]['std']:.4f}"]
+        writer.writerow(line + [r["yardstick"], r["final_attack"], r["rounds"],
+                                "" if r["wall_s"] is None else f"{r['wall_s']:.1f}", r["status"]])
+    return out.getvalue()
+
+
+def plot_table(rows: List[dict], path: str, method_of: Dict[str, str]) -> None:
+    """Robust against natural accuracy, one colour per method, error bars = std over seeds.
+    Robust is the final attack's where every plotted cell has one, else the yardstick's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["natural"]["mean"] is not None]
+    use_final = bool(shown) and all(r["final_attack_robust"]["mean"] is not None for r in shown)
+    key = "final_attack_robust" if use_final else "yardstick_robust"
+    label = column_names(rows)[key]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    colours = {}
+    for r in shown:
+        method = method_of.get(r["cell"], "?")
+        colour = colours.setdefault(method, f"C{len(colours) % 10}")
+        rob = r[key]
+        ax.errorbar(100 * r["natural"]["mean"], 100 * (rob["mean"] or 0), xerr=100 * (r["natural"]["std"] or 0),
+                    yerr=100 * (rob["std"] or 0), fmt="o", color=colour, capsize=3,
+                    label=method if method not in [h.get_label() for h in ax.get_legend_handles_labels()[0]] else None)
+        ax.annotate(f"{r['cell']} (n={r['n']})", (100 * r["natural"]["mean"], 100 * (rob["mean"] or 0)),
+                    textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("natural accuracy (%)")
+    ax.set_ylabel(label.replace(" %", " (%)"))
+    ax.grid(alpha=0.3)
+    if colours:
+        ax.legend(title="method", fontsize=8)
+    ax.set_title("mean ± std over seeds")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_table(sweep_dir: str) -> Dict[str, str]:
+    """table.md, table.csv and table.png in the sweep directory; returns their paths."""
+    rows = sweep_rows(sweep_dir)
+    with open(os.path.join(sweep_dir, SWEEP_FILE)) as f:
+        sweep = json.load(f)
+    from .config import RunConfig
+
+    shared_method = (sweep.get("shared") or {}).get("method", RunConfig().method)
+    method_of = {c["name"]: str(c["values"].get("method", shared_method)) for c in sweep["cells"]}
+    paths = {"md": os.path.join(sweep_dir, "table.md"), "csv": os.path.join(sweep_dir, "table.csv"),
+             "png": os.path.join(sweep_dir, "table.png")}
+    with open(paths["md"], "w") as f:
+        f.write(format_markdown(rows))
+    with open(paths["csv"], "w", newline="") as f:
+        f.write(format_csv(rows))
+    plot_table(rows, paths["png"], method_of)
+    return paths

@@ -1,0 +1,261 @@
+"""Experiment grids (ray_fedat.sweep) and their table (ray_fedat.sweep_table).
+
+The pure functions are tested without Ray; one test runs a real grid on Ray Tune, kills its
+driver halfway and runs the same command again."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ray_fedat.config import ConfigError, parse_config
+from ray_fedat.sweep import (concurrent_runs, eta_seconds, expand_grid, flags_to_argv, plan_runs, read_grid_file,
+                             run_state, sweep_record)
+from ray_fedat.sweep_table import cell_row, format_csv, format_markdown, write_table
+
+GRID = {"dataset": "digits", "workers": 1, "rounds": 2, "method": ["pgd", "trades"], "beta": [0.1, 0.5],
+        "partition": "dirichlet", "seed": [0, 1]}
+
+
+def write_summary(run_dir, status="finished", natural=0.9, robust=0.6, worst=0.5, error=None, final_attack=None,
+                  rounds=2, wall=10.0):
+    os.makedirs(run_dir, exist_ok=True)
+    summary = {"status": status, "error": error, "config": {"eval_steps": 10}, "rounds_completed": rounds,
+               "final": {"natural_acc": natural, "robust_acc": robust}, "wall_s": wall,
+               "client_robustness": {"robust": {"worst": worst}}, "final_attack": final_attack}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+
+
+def test_grid_expands_into_cells_times_seeds_in_file_order(tmp_path):
+    grid = expand_grid(dict(GRID))
+    assert [c.name for c in grid.cells] == ["pgd_beta0.1", "pgd_beta0.5", "trades_beta0.1", "trades_beta0.5"]
+    assert grid.cells[1].values == {"method": "pgd", "beta": 0.5}
+    assert grid.seeds == [0, 1] and grid.shared == {"dataset": "digits", "workers": 1, "rounds": 2,
+                                                    "partition": "dirichlet"}
+    runs = plan_runs(grid, str(tmp_path))
+    assert [r.name for r in runs][:3] == ["pgd_beta0.1_s0", "pgd_beta0.1_s1", "pgd_beta0.5_s0"]
+    assert len(runs) == 8 and {r.state for r in runs} == {"new"}
+
+
+def test_a_run_is_the_train_command_line_the_cli_parses(tmp_path):
+    grid = expand_grid({**GRID, "epsilon": "8/255", "download": False, "deterministic": True,
+                        "data_dir": "rel/data"})
+    run = plan_runs(grid, str(tmp_path), time_budget=30)[3]
+    assert run.argv[:2] == ["--dataset", "digits"] and "--no-download" in run.argv and "--deterministic" in run.argv
+    cfg = parse_config(run.argv)  # the CLI's own parser and validation
+    assert (cfg.method, cfg.beta, cfg.seed, cfg.name) == ("pgd", 0.5, 1, "pgd_beta0.5_s1")
+    assert cfg.storage_path == str(tmp_path) and cfg.time_budget == 30 and cfg.epsilon == pytest.approx(8 / 255)
+    assert cfg.data_dir == os.path.abspath("rel/data") and cfg.deterministic and not cfg.download
+    assert flags_to_argv({"verbose": False, "rounds": 3}) == ["--rounds", "3"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", [os.path.join(REPO, "grids", "digits-methods.yaml"),
+                                  os.path.join(REPO, "benchmarks", "sweep_mnist.yaml")])
+def test_shipped_grids_expand_into_valid_runs(path, tmp_path):
+    raw = read_grid_file(path)
+    if raw.get("data_file"):  # the MNIST grid's npz is made by benchmarks/common.py: any file parses here
+        raw["data_file"] = str(tmp_path / "mnist8k.npz")
+        (tmp_path / "mnist8k.npz").write_bytes(b"")
+    runs = plan_runs(expand_grid(raw), str(tmp_path))
+    cfgs = [parse_config(r.argv) for r in runs]
+    assert len({(c.method, c.seed) for c in cfgs}) == len(runs) >= 4 and all(c.workers == 1 for c in cfgs)
+
+
+def test_one_value_gives_one_cell_named_base():
+    grid = expand_grid({"dataset": "digits", "seed": 3})
+    assert [c.name for c in grid.cells] == ["base"] and grid.seeds == [3]
+
+
+@pytest.mark.parametrize("grid, message", [
+    ({"metod": ["pgd"]}, "unknown key 'metod'"),
+    ({"name": "x"}, "'name' cannot be set in a grid"),
+    ({"resume": "runs/x"}, "'resume' cannot be set in a grid"),
+    ({"method": []}, "empty list"),
+    ({"seed": [0, 0]}, "seed lists a seed twice"),
+    ({"seed": ["a"]}, "seed must be an integer"),
+    ({"storage_path": ["a", "b"]}, "storage_path cannot vary"),
+    ({"epsilon": ["8/255", "8_255"]}, "same directory name"),
+])
+def test_bad_grids_are_named(grid, message):
+    with pytest.raises(ConfigError, match=message):
+        expand_grid(grid)
+
+
+def test_grid_file_reads_flag_spellings(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("dataset: digits\nlocal-epochs: [1, 2]\n--rounds: 3\n")
+    assert read_grid_file(str(path)) == {"dataset": "digits", "local_epochs": [1, 2], "rounds": 3}
+    toml = tmp_path / "g.toml"
+    toml.write_text('method = ["pgd", "mart"]\nseed = [0, 1]\n')
+    assert read_grid_file(str(toml)) == {"method": ["pgd", "mart"], "seed": [0, 1]}
+    with pytest.raises(ConfigError, match="no such grid file"):
+        read_grid_file(str(tmp_path / "nope.yaml"))
+
+
+def test_finished_runs_are_skipped_and_cut_short_ones_resumed(tmp_path):
+    grid = expand_grid({"dataset": "digits", "method": ["pgd", "trades"], "seed": [0, 1]})
+    write_summary(tmp_path / "pgd_s0")
+    write_summary(tmp_path / "pgd_s1", status="running", rounds=1)  # the driver was killed
+    write_summary(tmp_path / "trades_s0", status="failed", error="FloatingPointError: NaN")
+    states = {r.name: (r.state, r.argv) for r in plan_runs(grid, str(tmp_path))}
+    assert states["pgd_s0"][0] == "finished" and states["trades_s0"][0] == "failed"
+    assert states["pgd_s1"] == ("resume", ["--resume", str(tmp_path / "pgd_s1")])
+    assert states["trades_s1"][0] == "new"
+    assert run_state(str(tmp_path / "trades_s0"), retry_failed=True)[0] == "resume"
+
+
+def test_concurrency_fits_the_largest_run_in_the_cluster():
+    assert concurrent_runs({"CPU": 2.0}, [{"CPU": 1.0}]) == 2  # --workers 1 on two 1-CPU nodes
+    assert concurrent_runs({"CPU": 2.0}, [{"CPU": 1.0}, {"CPU": 2.0}]) == 1  # --workers 2: one at a time
+    assert concurrent_runs({"CPU": 16.0, "GPU": 2.0}, [{"CPU": 2.0, "GPU": 2.0}]) == 1
+    assert concurrent_runs({"CPU": 1.0}, [{"CPU": 4.0}]) == 1  # never zero (Ray queues the workers)
+    assert concurrent_runs({"CPU": 8.0}, [{"CPU": 1.0}], limit=3) == 3
+
+
+def test_eta_spreads_the_remaining_runs_over_the_concurrent_ones():
+    assert eta_seconds([], 4, 2) is None
+    assert eta_seconds([10.0, 30.0], 4, 2) == pytest.approx(40.0)  # two waves of 20 s
+    assert eta_seconds([10.0], 3, 2) == pytest.approx(20.0)
+
+
+def test_a_cell_averages_finished_runs_and_shows_the_failed_one():
+    cell = {"name": "pgd", "values": {"method": "pgd"}, "runs": ["pgd_s0", "pgd_s1", "pgd_s2"]}
+    new_style = {"attack": "APGD-CE + APGD-T", "images": 500,
+                 "models": {"final": {"natural_acc": 0.9, "yardstick_acc": 0.6, "robust_acc": 0.55},
+                            "best_robust": {"natural_acc": 0.9, "yardstick_acc": 0.6, "robust_acc": 0.55}}}
+    summaries = {"pgd_s0": {"status": "finished", "final": {"natural_acc": 0.9, "robust_acc": 0.6},
+                            "final_attack": new_style, "rounds_completed": 2, "wall_s": 10.0,
+                            "config": {"eval_steps": 10}},
+                 "pgd_s1": {"status": "finished", "final": {"natural_acc": 0.8, "robust_acc": 0.4},
+                            "rounds_completed": 2, "wall_s": 20.0},  # an old summary: no final attack, no clients
+                 "pgd_s2": {"status": "failed", "error": "FloatingPointError: round 2: NaN/inf parameters"}}
+    row = cell_row(cell, summaries)
+    assert row["n"] == 2 and row["runs"] == 3 and row["status"] == "s2 diverged"
+    assert row["natural"]["mean"] == pytest.approx(0.85) and row["natural"]["std"] == pytest.approx(0.0707, abs=1e-3)
+    assert row["final_attack_robust"] == {"mean": 0.55, "std": None, "n": 1}
+    assert row["worst_client_robust"]["mean"] is None and row["rounds"] == "2" and row["wall_s"] == 15.0
+    md = format_markdown([row])
+    assert "| pgd | 2/3 | 85.0 ± 7.1 | 50.0 ± 14.1 | 55.0 |  | 2 | 15 | s2 diverged |" in md
+    assert "robust APGD-CE + APGD-T %" in md and "robust PGD-10 %" in md
+    csv_lines = format_csv([row]).splitlines()
+    assert csv_lines[0].startswith("cell,method,runs,n,natural_mean,natural_std")
+    assert csv_lines[1].startswith("pgd,pgd,3,2,0.8500,0.0707,0.5000,0.1414,0.5500,,,")
+    nothing = cell_row({"name": "x", "runs": ["x_s0"]}, {"x_s0": None})
+    assert nothing["n"] == 0 and nothing["status"] == "s0 not run" and nothing["natural"]["mean"] is None
+
+
+def test_table_files_and_report_sweep(tmp_path):
+    grid = expand_grid({"dataset": "digits", "method": ["pgd", "trades"], "seed": [0, 1]})
+    runs = plan_runs(grid, str(tmp_path))
+    with open(tmp_path / "sweep.json", "w") as f:
+        json.dump(sweep_record(str(tmp_path / "g.yaml"), grid, runs), f)
+    write_summary(tmp_path / "pgd_s0", natural=0.9, robust=0.6)
+    write_summary(tmp_path / "pgd_s1", natural=0.8, robust=0.5)
+    write_summary(tmp_path / "trades_s0", status="running")
+    paths = write_table(str(tmp_path))
+    assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    proc = subprocess.run([sys.executable, "-m", "ray_fedat.report", "--sweep", str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| pgd | 2/2 | 85.0 ± 7.1 | 55.0 ± 7.1 |" in proc.stdout
+    assert "| trades | 0/2 |" in proc.stdout and "s0 unfinished; s1 not run" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "ray_fedat.report", "--sweep", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no sweep.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_dry_run_prints_cells_and_runs_and_bad_grids_are_one_line(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"dataset: digits\nworkers: 1\nmethod: [pgd, trades]\nseed: [0, 1]\nstorage-path: {tmp_path}\n")
+    proc = subprocess.run([sys.executable, "-m", "ray_fedat.sweep", str(grid), "--dry-run"], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 cell(s) x 2 seed(s) = 4 runs" in proc.stdout and "cell trades: " in proc.stdout
+    assert "run trades_s1: new" in proc.stdout and "--method trades --seed 1 --name trades_s1" in proc.stdout
+    assert not (tmp_path / "g").exists()  # nothing started, nothing written
+    grid.write_text("dataset: digits\nmethod: [pgd, nope]\n")
+    bad = subprocess.run([sys.executable, "-m", "ray_fedat.sweep", str(grid), "--dry-run"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == ["ray_fedat: error: run nope_s0: --method 'nope' is not one of "
+                                               "calfat, trades, mart, pgd, fgsm-rs, natural"]
+
+
+def sweep_command(grid):
+    return [sys.executable, "-m", "ray_fedat.sweep", str(grid)]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path):
+    """2 methods x 2 seeds, 2 rounds, 1 worker per trial, two trials at once, PGD-100 at the end.
+    The driver is killed once the first run has finished; the same command runs the rest."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"dataset: digits\nworkers: 1\nrounds: 2\nmethod: [pgd, trades]\nseed: [0, 1]\n"
+                    f"attack-steps: 2\neval-steps: 2\neval-samples: 100\nval-fraction: 0\n"
+                    f"final-attack: pgd-100\nfinal-samples: 50\n"
+                    f"storage-path: {tmp_path}\n")
+    sweep_dir = tmp_path / "grid"
+    command = sweep_command(grid) + ["--max-concurrent", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 1200  # generous: a shared machine can be slow; a short run is about a minute
+    finished = []
+    while time.time() < deadline and proc.poll() is None and not finished:
+        finished = [d for d in ("pgd_s0", "pgd_s1", "trades_s0", "trades_s1")
+                    if run_state(str(sweep_dir / d))[0] == "finished"]
+        time.sleep(0.2)
+    alive = proc.poll() is None
+    proc.kill()  # SIGKILL: no clean-up of any kind (Ray's processes share the driver's fate)
+    assert finished and alive, proc.communicate(timeout=60)[0][-3000:]
+    first_out = proc.communicate(timeout=60)[0]
+    assert "2 at a time" in first_out, first_out[-3000:]
+    finished = [d for d in ("pgd_s0", "pgd_s1", "trades_s0", "trades_s1")
+                if run_state(str(sweep_dir / d))[0] == "finished"]  # the other may have ended meanwhile
+    before = {d: (sweep_dir / d / "summary.json").stat().st_mtime for d in finished}
+    unfinished = [d for d in ("pgd_s0", "pgd_s1", "trades_s0", "trades_s1") if d not in finished]
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out = again.stdout
+    assert f"{len(unfinished)} of 4 runs to go" in out
+    for d in finished:  # not run again
+        assert f"started {d}" not in out
+        assert (sweep_dir / d / "summary.json").stat().st_mtime == before[d]
+    for d in unfinished:
+        assert f"started {d}" in out and run_state(str(sweep_dir / d))[0] == "finished"
+    rows = [ln for ln in (sweep_dir / "table.md").read_text().splitlines() if ln.startswith("| pgd") or
+            ln.startswith("| trades")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| pgd", "2/2"], ["| trades", "2/2"]]
+    assert all(r.rstrip().endswith("| ok |") for r in rows)
+    header = (sweep_dir / "table.md").read_text().splitlines()[0]
+    assert "robust PGD-100 %" in header  # the final attack ran inside the trials (its task left the trial's group)
+    assert all(r.split(" | ")[4].strip() for r in rows)
+    table_csv = (sweep_dir / "table.csv").read_text().splitlines()
+    assert len(table_csv) == 3 and (sweep_dir / "table.png").is_file()
+    for d in ("pgd_s0", "trades_s1"):
+        records = [json.loads(ln) for ln in (sweep_dir / d / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in records] == [1, 2]
+
+
+@pytest.mark.ray
+def test_a_run_inside_a_ray_worker_uses_that_ray(ray_session):
+    """A Tune trial is a Ray worker: train.run's connect_ray must reuse its Ray, not start or
+    shut down one."""
+    import ray
+
+    from ray_fedat.train import connect_ray
+
+    cfg = parse_config(["--dataset", "digits", "--workers", "1"])
+
+    @ray.remote(num_cpus=0)
+    def inside():
+        return ray.is_initialized(), connect_ray(cfg), ray.is_initialized()
+
+    before, (where, owns_ray), after = ray.get(inside.remote(), timeout=120)
+    assert before and after and not owns_ray and where == "the Ray already running in this process"
