@@ -36,7 +36,7 @@ from .evaluation import evaluate_distributed
 from .federation import ClientUpdates, assign_clients, generator_for, sample_clients
 from .models import build_model
 from .monitoring import worker_round_line
-from .precision import configure_backends, prepare_model, resolve_precision
+from .precision import choose_precision, configure_backends, prepare_model
 from .schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds
 from .storage import RankStorage, sees_marker, storage_rank
 
@@ -159,7 +159,8 @@ def train_loop_per_worker(payload: dict) -> None:
     world = ray.train.get_context().get_world_size()
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device() if payload["use_gpu"] else torch.device("cpu")
-    precision = resolve_precision(cfg.precision, device)  # of the training forwards; evaluation stays fp32
+    # of the training forwards (evaluation stays fp32); the reason goes into summary.json's workers
+    precision, precision_reason = choose_precision(cfg.precision, device)
     configure_backends(device, cfg.deterministic)
 
     clients_by_rank = assign_clients(cfg.clients, world, [sum(c) for c in payload["class_counts"]])
@@ -187,7 +188,7 @@ def train_loop_per_worker(payload: dict) -> None:
                                     cfg.trades_beta, cfg.calfat_tau, payload["augment"], cfg.attack_start, precision,
                                     cfg.mart_beta, cfg.calfat_scale, cfg.prox_mu)
     identity = {**worker_identity(device), "writes_checkpoints": rank == writer_rank, "precision": precision,
-                "loop_started_at": loop_started_at, "data_ready_at": data_ready_at}
+                "precision_reason": precision_reason, "loop_started_at": loop_started_at, "data_ready_at": data_ready_at}
     planner = RoundPlanner(cfg, payload.get("deadline"), device)
 
     def evaluate(round_: int) -> dict:
