@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from test_ray_training import comparable, final_state, max_abs_diff, train
+from test_ray_training import FP32, comparable, final_state, max_abs_diff, train
 
 pytestmark = pytest.mark.ray
 
@@ -23,7 +23,7 @@ def read_records(run_dir):
 
 
 def test_a_killed_worker_costs_nothing(tmp_path, ray_session):
-    args = ["--dataset", "digits", "--rounds", "8", "--local-epochs", "2", "--max-failures", "1"]
+    args = ["--dataset", "digits", "--rounds", "8", "--local-epochs", "2", "--max-failures", "1", *FP32]
     proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", *args, "--storage-path", str(tmp_path),
                              "--name", "killed"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = str(tmp_path / "killed")
@@ -50,7 +50,7 @@ def test_a_killed_worker_costs_nothing(tmp_path, ray_session):
     with open(os.path.join(run_dir, "summary.json")) as f:
         assert victim["pid"] not in [w["pid"] for w in json.load(f)["workers"]]
 
-    _, plain, plain_dir = train(tmp_path, "plain", "--rounds", "8", "--local-epochs", "2")
+    _, plain, plain_dir = train(tmp_path, "plain", "--rounds", "8", "--local-epochs", "2", *FP32)
     assert max_abs_diff(final_state(run_dir), final_state(plain_dir)) <= 1e-6
     assert comparable(records)[-1]["natural_acc"] == comparable(plain)[-1]["natural_acc"]
 
@@ -59,9 +59,9 @@ def test_resume_extends_a_run_like_an_uninterrupted_one(tmp_path, ray_session):
     from ray_fedat.config import parse_config
     from ray_fedat.train import run
 
-    train(tmp_path, "short", "--rounds", "2")
-    run(parse_config(["--resume", str(tmp_path / "short"), "--rounds", "4"]))
-    _, full, full_dir = train(tmp_path, "full", "--rounds", "4")
+    train(tmp_path, "short", "--rounds", "2", *FP32)
+    run(parse_config(["--resume", str(tmp_path / "short"), "--rounds", "4"]))  # keeps the run's --precision
+    _, full, full_dir = train(tmp_path, "full", "--rounds", "4", *FP32)
     resumed = read_records(str(tmp_path / "short"))
     assert [r["round"] for r in resumed] == [1, 2, 3, 4]
     assert [r["resumed_from"] for r in resumed] == [1, 1, 3, 3]
