@@ -38,6 +38,7 @@ def test_cifar10_preset_resnet18_with_augmentation_runs_end_to_end(tmp_path, ray
     summary = run(cfg)
     assert summary["status"] == "finished" and summary["rounds_completed"] == 1
     assert summary["workers"][0]["precision"] == precision and summary["workers"][0]["device"].startswith(DEVICE)
+    assert summary["workers"][0]["precision_reason"] == f"--precision {precision}"  # why it ran so
     run_dir = os.path.join(str(tmp_path), precision)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         record = json.loads(f.readline())
