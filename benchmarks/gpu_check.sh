@@ -33,6 +33,7 @@
 # a step that runs over is stopped, the next one still runs, and a step that would start with
 # under 15 s left is skipped. Knobs (environment), for the rehearsal or a rerun:
 #   GPU_CHECK_STEPS="1 2 3 4 5"   which steps          GPU_CHECK_TOTAL_S   the deadline
+#   GPU_CHECK_CAP_SCALE            the steps' caps x this (default 1 on cuda, 5 on cpu)
 #   GPU_CHECK_BUDGET=120           step 4's --time-budget
 #   GPU_CHECK_DET_ROUNDS=2         step 5's --rounds    GPU_CHECK_FINAL_ATTACK=pgd-100
 #   GPU_CHECK_CLI_EXTRA="..."      extra CLI flags for steps 4 and 5 (e.g. --eval-samples 200)
@@ -104,6 +105,7 @@ OUTDIR=${OUT:-$REPO/runs/gpu_check-$DEVICE-$STAMP}
 mkdir -p "$OUTDIR"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")  # run dirs, checkpoints: not brought back
 if [ "$DEVICE" = cuda ]; then TOTAL=${GPU_CHECK_TOTAL_S:-480}; SCALE=1; else TOTAL=${GPU_CHECK_TOTAL_S:-2400}; SCALE=5; fi
+SCALE=${GPU_CHECK_CAP_SCALE:-$SCALE}  # the steps' caps x this (a slow or shared CPU)
 STARTED=$(date +%s)
 DEADLINE=$((STARTED + TOTAL))
 STEPS=${GPU_CHECK_STEPS:-"1 2 3 4 5"}
@@ -304,7 +306,7 @@ EOF
 export PY DEVICE WORK MNIST_DIR MNIST_SPLIT BUDGET DET_ROUNDS FINAL_ATTACK REPO
 export -f facts pytest_cuda bench mnist_npz cli cli_run determinism
 step 1 facts 60 facts
-step 2 pytest 110 pytest_cuda
+step 2 pytest 150 pytest_cuda
 step 3 bench 100 bench
 step 4 cli $((BUDGET + 90)) cli_run
 step 5 determinism 110 determinism
@@ -313,6 +315,7 @@ step 5 determinism 110 determinism
 {
   echo "gpu_check on $DEVICE, $(date -u +%FT%TZ), $(( $(date +%s) - STARTED )) s in all (deadline ${TOTAL} s)"
   column -t -s $'\t' "$OUTDIR/steps.tsv" 2>/dev/null || cat "$OUTDIR/steps.tsv"
+  grep -h "^modules:" "$OUTDIR/gpu_check.log" 2>/dev/null
   grep -h -E "^(GPU 0|bf16|cuDNN|NCCL|--precision auto)" "$OUTDIR"/1-facts/output.log 2>/dev/null
   tail -n 1 "$OUTDIR"/2-pytest/output.log 2>/dev/null
   sed -n '/^ResNet-18/,$p' "$OUTDIR"/3-bench/output.log 2>/dev/null
