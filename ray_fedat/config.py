@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=d.device, help="auto: CUDA when every worker can get a GPU, else CPU")
     g.add_argument("--precision", default=d.precision,
                    help=f"model forwards while training, one of {', '.join(PRECISIONS)}: bf16 autocast (examples, "
-                   "weights, optimizer and evaluation stay fp32); auto = bf16 on a bf16-capable GPU, fp32 on CPU")
+                   "weights, optimizer and evaluation stay fp32); auto = bf16 where the GPU or CPU computes bf16 natively "
+                   "(Ampere+ GPUs; CPUs with AMX-BF16/AVX512-BF16), else fp32")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (cuDNN, cuBLAS workspace, torch.use_deterministic_algorithms): "
                    "the same model on any number of GPU workers and after a restart, at some speed cost")

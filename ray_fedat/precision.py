@@ -4,35 +4,97 @@ Only model *forwards* change precision. In bf16 each forward runs under
 `torch.autocast(device_type, torch.bfloat16)` and returns float32 logits, so everything
 around it stays float32: the adversarial example, its noise, sign step and projection, the
 parameters and the optimizer, CalFAT's log-prior, aggregation and the collectives.
-Evaluation (the reported PGD yardstick) always runs in fp32.
+Evaluation (the reported PGD yardstick) always runs in fp32. `--precision auto` is bf16 where
+the device computes bf16 natively (choose_precision).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
 
-# What `--precision auto` means on a CPU. Measured with benchmarks/local_throughput.py on the
-# project's machine (AMD EPYC, AVX2 but no AVX512-BF16/AMX): bf16 autocast makes an attack
-# step 2.5-10x *slower* there (oneDNN emulates bf16), so auto stays fp32 on CPUs. On CUDA,
-# auto is bf16 wherever the GPU supports it (Ampere and later).
-CPU_AUTO_PRECISION = "fp32"
+# What `--precision auto` means. bf16 autocast only pays where the hardware computes in bf16:
+# - CPU: measured with benchmarks/local_throughput.py, an attack step runs 2.5-10x *slower* in
+#   bf16 on a CPU without AVX512-BF16/AMX (oneDNN emulates it: the project's first machine, an
+#   AMD EPYC with AVX2), and 2.6-2.8x faster on CPUs with them (issue 24; benchmarks/README.md).
+#   torch.ops.mkldnn._is_mkldnn_bf16_supported() alone is not enough: on x86 it is true on any
+#   AVX512 CPU (oneDNN *can* run bf16 there, emulated), so the CPU's own flags decide.
+# - CUDA: torch.cuda.is_bf16_supported() counts emulation (pre-Ampere GPUs) unless told not to.
+CPU_NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # x86 flags in /proc/cpuinfo
+ARM_NATIVE_BF16_FLAG = "bf16"  # arm64's "Features" line (FEAT_BF16)
+CPUINFO = "/proc/cpuinfo"
 
 # cuBLAS needs a fixed workspace to be deterministic; it reads this variable when CUDA starts.
 CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """'fp32' or 'bf16' for this worker's device ('auto': bf16 on a bf16-capable GPU)."""
+def cpu_flags(cpuinfo_text: str) -> Optional[set]:
+    """The feature flags of the first CPU in /proc/cpuinfo's text (x86 "flags", arm64
+    "Features"), or None when the text has neither line."""
+    for line in cpuinfo_text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def native_cpu_bf16(cpuinfo_text: Optional[str], onednn_bf16: bool) -> Tuple[bool, str]:
+    """(whether this CPU computes bf16 natively, why): oneDNN must have bf16 kernels, and the CPU
+    must have AMX-BF16 / AVX512-BF16 (x86) or BF16 (arm64) to run them without emulation."""
+    if not onednn_bf16:
+        return False, "this torch's oneDNN has no bf16 kernels for this CPU"
+    flags = cpu_flags(cpuinfo_text or "")
+    if flags is None:
+        return False, "cannot read this CPU's flags, so bf16 may be emulated"
+    native = [f for f in CPU_NATIVE_BF16_FLAGS if f in flags]
+    if native:
+        return True, f"this CPU has {'/'.join(native)}"
+    if ARM_NATIVE_BF16_FLAG in flags:
+        return True, "this CPU has bf16 (arm64)"
+    return False, f"this CPU has no {'/'.join(CPU_NATIVE_BF16_FLAGS)}: bf16 would be emulated"
+
+
+def cpu_bf16_capability() -> Tuple[bool, str]:
+    """native_cpu_bf16 for the CPU this process runs on."""
+    try:
+        with open(CPUINFO) as f:
+            text = f.read()
+    except OSError:
+        text = None
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        onednn = False
+    return native_cpu_bf16(text, onednn)
+
+
+def cuda_bf16_capability(device: torch.device) -> Tuple[bool, str]:
+    """(whether this GPU computes bf16 natively, why). Older torch has no `including_emulation`
+    argument; it then answered for native support only (compute capability 8.0 and up)."""
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        native = torch.cuda.is_bf16_supported()
+    name = torch.cuda.get_device_name(device) if torch.cuda.is_available() else "this GPU"
+    return (True, f"{name} has native bf16") if native else (False, f"{name} has no native bf16")
+
+
+def choose_precision(requested: str, device: torch.device) -> Tuple[str, str]:
+    """('fp32' or 'bf16', why) for this worker's device: 'auto' is bf16 where the device
+    computes bf16 natively, else fp32."""
     if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return CPU_AUTO_PRECISION
+        return requested, f"--precision {requested}"
+    native, why = cuda_bf16_capability(device) if device.type == "cuda" else cpu_bf16_capability()
+    return ("bf16" if native else "fp32"), f"auto: {why}"
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """'fp32' or 'bf16' for this worker's device (see choose_precision)."""
+    return choose_precision(requested, device)[0]
 
 
 def has_convolutions(model: nn.Module) -> bool:

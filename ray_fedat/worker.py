@@ -35,7 +35,7 @@ from .evaluation import evaluate_distributed
 from .federation import ClientUpdates, assign_clients, generator_for, sample_clients, world_and_rank
 from .models import build_model
 from .monitoring import worker_round_line
-from .precision import configure_backends, prepare_model, resolve_precision
+from .precision import choose_precision, configure_backends, prepare_model
 from .schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds, schedule_round
 from .storage import RankStorage, sees_marker, storage_rank
 
@@ -161,7 +161,8 @@ def train_loop_per_worker(payload: dict) -> None:
     world = ray.train.get_context().get_world_size()
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device() if payload["use_gpu"] else torch.device("cpu")
-    precision = resolve_precision(cfg.precision, device)  # of the training forwards; evaluation stays fp32
+    # of the training forwards (evaluation stays fp32); the reason goes into summary.json's workers
+    precision, precision_reason = choose_precision(cfg.precision, device)
     configure_backends(device, cfg.deterministic)
 
     clients_by_rank = assign_clients(cfg.clients, world, [sum(c) for c in payload["class_counts"]])
@@ -187,7 +188,7 @@ def train_loop_per_worker(payload: dict) -> None:
     trainable = trainable_mask(model).to(device) if byzantine else None  # what a Byzantine client corrupts
     local_cfg = local_training_config(cfg, payload["augment"], precision)
     identity = {**worker_identity(device), "writes_checkpoints": rank == writer_rank, "precision": precision,
-                "deterministic": torch.are_deterministic_algorithms_enabled(),
+                "deterministic": torch.are_deterministic_algorithms_enabled(), "precision_reason": precision_reason,
                 "loop_started_at": loop_started_at, "data_ready_at": data_ready_at}
     planner = RoundPlanner(cfg, payload.get("deadline"), device)
     planner.restore(plan)

@@ -1,7 +1,7 @@
 """The CIFAR-10 path end to end on a local Ray: 3-channel 32x32 images, ResNet-18, crop-and-flip
 augmentation, CIFAR-10's defaults (--preset cifar10), in fp32 and in bf16. Tiny data (one batch
 of 4), one round: bf16 ResNet-18 is emulated, and ~20x slower than fp32, on CPUs without
-AVX512-BF16/AMX such as the project's."""
+AVX512-BF16/AMX. RAY_FEDAT_TEST_DEVICE=cuda runs it on a GPU (benchmarks/gpu_check.sh)."""
 import json
 import os
 
@@ -13,6 +13,7 @@ from ray_fedat.config import parse_config
 from ray_fedat.train import run
 
 pytestmark = pytest.mark.ray
+DEVICE = os.environ.get("RAY_FEDAT_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +32,13 @@ def test_cifar10_preset_resnet18_with_augmentation_runs_end_to_end(tmp_path, ray
                                                                    extra):
     cfg = parse_config(["--dataset", "npz", "--data-file", cifar_like_npz, "--preset", "cifar10", "--workers", "1",
                         "--rounds", "1", "--batch-size", "4", "--attack-steps", "1", "--eval-steps", "1",
-                        "--precision", precision, "--storage-path", str(tmp_path), "--name", precision, *extra])
+                        "--precision", precision, "--device", DEVICE, "--storage-path", str(tmp_path),
+                        "--name", precision, *extra])
     assert (cfg.model, cfg.epsilon) == ("resnet18", pytest.approx(8 / 255))
     summary = run(cfg)
     assert summary["status"] == "finished" and summary["rounds_completed"] == 1
-    assert summary["workers"][0]["precision"] == precision and summary["workers"][0]["device"] == "cpu"
+    assert summary["workers"][0]["precision"] == precision and summary["workers"][0]["device"].startswith(DEVICE)
+    assert summary["workers"][0]["precision_reason"] == f"--precision {precision}"  # why it ran so
     # --deterministic reaches the worker: torch's deterministic algorithms are on there, only then
     assert summary["workers"][0]["deterministic"] == ("--deterministic" in extra)
     run_dir = os.path.join(str(tmp_path), precision)

@@ -1,5 +1,8 @@
-"""The fast path on CPU: bf16 forwards, channels_last, device-resident data, one host sync per
-client round, and the --precision/--deterministic settings (no Ray here)."""
+"""The fast path: bf16 forwards, channels_last, device-resident data, one host sync per client
+round, and the --precision/--deterministic settings (no Ray here). On CPU by default;
+RAY_FEDAT_TEST_DEVICE=cuda runs the training and evaluation tests on a GPU (benchmarks/gpu_check.sh)."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -13,11 +16,14 @@ from ray_fedat.data import load_dataset, load_digits, to_float
 from ray_fedat.evaluation import count_correct
 from ray_fedat.federation import generator_for
 from ray_fedat.models import build_model
-from ray_fedat.precision import (Forward, configure_backends, deterministic_env_vars, is_channels_last, prepare_model,
+from ray_fedat.precision import (Forward, choose_precision, configure_backends, cpu_bf16_capability, cpu_flags,
+                                 deterministic_env_vars, is_channels_last, native_cpu_bf16, prepare_model,
                                  resolve_precision)
 
 EPS, STEP = 0.1, 0.025
 CPU = torch.device("cpu")
+# Where the training and evaluation tests compute; the tests of CPU-only facts keep CPU.
+DEVICE = torch.device(os.environ.get("RAY_FEDAT_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +51,7 @@ def output_dtypes(model, kind=nn.Conv2d):
 
 def train_recording_dtypes(model, kind, shard, cfg):
     seen, hooks = output_dtypes(model, kind)
-    loss = train_client(model, shard, cfg, generator_for(0, 1, 0), CPU)
+    loss = train_client(model, shard.to(DEVICE), cfg, generator_for(0, 1, 0), DEVICE)
     for h in hooks:
         h.remove()
     return loss, set(seen)
@@ -56,7 +62,7 @@ def bf16_model(digits):
     """A LeNet (channels_last) after a short CalFAT round in bf16. bf16 is emulated on CPUs
     without AVX512-BF16/AMX, and slow: the LeNet checks use little data."""
     torch.manual_seed(0)
-    model = prepare_model(build_model("lenet", digits.shape, 10), CPU, "bf16")
+    model = prepare_model(build_model("lenet", digits.shape, 10), DEVICE, "bf16")
     loss, dtypes = train_recording_dtypes(model, nn.Conv2d, shard_of(digits, 96), local_cfg("calfat", 1, "bf16", 2))
     return model, loss, dtypes
 
@@ -71,12 +77,13 @@ def test_bf16_training_runs_its_forwards_in_bf16_and_keeps_float32_parameters(bf
 
 def test_bf16_adversarial_training_learns(digits):
     torch.manual_seed(0)
-    model = build_model("mlp", digits.shape, 10)
+    model = build_model("mlp", digits.shape, 10).to(DEVICE)
     loss, dtypes = train_recording_dtypes(model, nn.Linear, shard_of(digits), local_cfg("calfat", 2, "bf16", 2))
     assert dtypes == {torch.bfloat16} and np.isfinite(loss)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with torch.no_grad():
-        accuracy = (model.eval()(to_float(digits.x_test)).argmax(1) == digits.y_test).float().mean().item()
+        predicted = model.eval()(to_float(digits.x_test).to(DEVICE)).argmax(1).cpu()
+    accuracy = (predicted == digits.y_test).float().mean().item()
     assert accuracy > 0.6  # chance is 0.1
 
 
@@ -85,19 +92,19 @@ def test_a_model_trained_in_bf16_evaluates_in_fp32(digits, bf16_model):
     seen, hooks = output_dtypes(model)
     x_test, y_test = digits.x_test[:128], digits.y_test[:128]
     n, natural, robust = count_correct(model, x_test, y_test, epsilon=EPS, step_size=STEP, steps=3,
-                                       batch_size=64, seed=0, round_=1).tolist()
+                                       batch_size=64, seed=0, round_=1, device=DEVICE).tolist()
     for h in hooks:
         h.remove()
     assert seen and set(seen) == {torch.float32}
     with torch.no_grad():
-        expected = (model(to_float(x_test)).argmax(1) == y_test).sum().item()
+        expected = (model(to_float(x_test).to(DEVICE)).argmax(1).cpu() == y_test).sum().item()
     assert (n, natural) == (128, expected) and robust <= natural
 
 
 def test_bf16_adversarial_examples_are_float32_inside_the_eps_ball_and_pixel_range(digits, bf16_model):
     model, _, _ = bf16_model
-    forward = Forward.for_model(model, "bf16", CPU)
-    x, y = to_float(digits.x_test[:64]), digits.y_test[:64]
+    forward = Forward.for_model(model, "bf16", DEVICE)
+    x, y = to_float(digits.x_test[:64]).to(DEVICE), digits.y_test[:64].to(DEVICE)
     logits = forward(model, x)
     assert logits.dtype == torch.float32
     probs = F.softmax(logits, 1).detach()
@@ -146,9 +153,9 @@ def test_the_loss_is_read_once_per_client_round_not_per_batch(digits, monkeypatc
 
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
     torch.manual_seed(0)
-    model = build_model("mlp", digits.shape, 10)
-    shard = shard_of(digits, 320)  # 10 batches of 32, two epochs
-    loss = train_client(model, shard, local_cfg("trades", 2, "fp32", steps=1), generator_for(0, 1, 0), CPU)
+    model = build_model("mlp", digits.shape, 10).to(DEVICE)
+    shard = shard_of(digits, 320).to(DEVICE)  # 10 batches of 32, two epochs
+    loss = train_client(model, shard, local_cfg("trades", 2, "fp32", steps=1), generator_for(0, 1, 0), DEVICE)
     assert len(calls) == 1 and np.isfinite(loss)
 
 
@@ -172,14 +179,75 @@ def test_a_shard_moved_to_the_gpu_trains_like_one_left_on_the_host(digits):
         assert b.device.type == "cuda" and torch.allclose(a, b.cpu(), atol=1e-4), key
 
 
-def test_precision_auto_is_fp32_on_cpu_and_bf16_on_a_bf16_gpu(monkeypatch):
+X86_CPUINFO = "processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n\n" \
+              "processor\t: 1\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n"
+ARM_CPUINFO = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve {extra}\n"
+
+
+@pytest.mark.parametrize("text,onednn,native", [
+    (X86_CPUINFO.format(extra="amx_bf16 amx_tile avx512_bf16"), True, True),  # Sapphire Rapids and later
+    (X86_CPUINFO.format(extra="avx512_bf16"), True, True),  # Zen 4, Cooper Lake
+    (X86_CPUINFO.format(extra="avx512vl"), True, False),  # AVX512 without bf16: oneDNN would emulate it
+    (X86_CPUINFO.format(extra=""), False, False),  # AVX2 only (the project's first machine)
+    (X86_CPUINFO.format(extra="amx_bf16"), False, False),  # a torch without oneDNN's bf16 kernels
+    (ARM_CPUINFO.format(extra="bf16 i8mm"), True, True),  # Graviton 3, Neoverse V1
+    (ARM_CPUINFO.format(extra=""), True, False),
+    ("", True, False), (None, True, False),  # no /proc/cpuinfo (macOS, Windows): do not guess
+])
+def test_native_cpu_bf16_reads_the_cpu_flags(text, onednn, native):
+    answer, why = native_cpu_bf16(text, onednn)
+    assert answer is native and why
+    if native:
+        assert "has" in why and "bf16" in why
+    else:
+        assert "emulated" in why or "no bf16 kernels" in why
+
+
+def test_precision_auto_is_bf16_where_the_cpu_has_native_bf16_and_fp32_where_it_is_emulated(monkeypatch):
+    import ray_fedat.precision as precision
+
+    monkeypatch.setattr(precision, "CPUINFO", "/nonexistent/cpuinfo")
+    assert choose_precision("auto", CPU) == ("fp32", "auto: cannot read this CPU's flags, so bf16 may be emulated")
+    monkeypatch.setattr(precision, "cpu_bf16_capability", lambda: (True, "this CPU has amx_bf16"))
+    assert choose_precision("auto", CPU) == ("bf16", "auto: this CPU has amx_bf16")
+    assert choose_precision("fp32", CPU) == ("fp32", "--precision fp32")  # an explicit choice is kept
+    monkeypatch.setattr(precision, "cpu_bf16_capability", lambda: (False, "this CPU has no avx512_bf16"))
+    assert choose_precision("auto", CPU) == ("fp32", "auto: this CPU has no avx512_bf16")
+    assert choose_precision("bf16", CPU) == ("bf16", "--precision bf16")
     assert resolve_precision("auto", CPU) == "fp32"
-    assert resolve_precision("bf16", CPU) == "bf16" and resolve_precision("fp32", CPU) == "fp32"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp32"  # pre-Ampere GPUs
+
+
+def test_this_machines_cpu_answer_matches_its_flags():
+    """The real check on the CPU the tests run on, whichever it is."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = cpu_flags(f.read()) or set()
+    except OSError:
+        flags = set()
+    native, _ = cpu_bf16_capability()
+    if not ({"amx_bf16", "avx512_bf16", "bf16"} & flags):
+        assert native is False
+    assert resolve_precision("auto", CPU) == ("bf16" if native else "fp32")
+
+
+def test_precision_auto_on_cuda_asks_for_native_bf16_only(monkeypatch):
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return not including_emulation and native_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the name is not looked up without a GPU
+    native_gpu = True
+    assert choose_precision("auto", torch.device("cuda", 0)) == ("bf16", "auto: this GPU has native bf16")
+    native_gpu = False  # pre-Ampere: bf16 only emulated, which is_bf16_supported() alone would count
+    assert choose_precision("auto", torch.device("cuda", 0)) == ("fp32", "auto: this GPU has no native bf16")
+    assert asked == [False, False]
     assert resolve_precision("fp32", torch.device("cuda", 0)) == "fp32"
+    # an older torch without the argument answered for native support only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
     with pytest.raises(ValueError):
         Forward.for_model(nn.Linear(2, 2), "auto", CPU)
 

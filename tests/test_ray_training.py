@@ -122,12 +122,17 @@ def test_after_aggregation_both_ranks_hold_the_weighted_mean_of_their_local_mode
     assert torch.allclose(r0["global"], expected, atol=1e-6)
 
 
+# The comparisons below pin --precision fp32: auto is bf16 on CPUs with native bf16 (precision.py),
+# and the README's reproducibility claims are checked in fp32 whatever CPU runs the tests.
+FP32 = ("--precision", "fp32")
+
+
 def test_same_seed_same_metrics_and_model_and_evaluate_round_trips(tmp_path, ray_session):
-    _, a, dir_a = train(tmp_path, "a", "--rounds", "2")
-    _, b, dir_b = train(tmp_path, "b", "--rounds", "2")
+    _, a, dir_a = train(tmp_path, "a", "--rounds", "2", *FP32)
+    _, b, dir_b = train(tmp_path, "b", "--rounds", "2", *FP32)
     assert comparable(a) == comparable(b)
     assert max_abs_diff(final_state(dir_a), final_state(dir_b)) == 0.0
-    _, c, _ = train(tmp_path, "c", "--rounds", "2", "--seed", "1")
+    _, c, _ = train(tmp_path, "c", "--rounds", "2", "--seed", "1", *FP32)
     assert comparable(c) != comparable(a)
 
     from ray_fedat.evaluate import evaluate
@@ -140,7 +145,7 @@ def test_same_seed_same_metrics_and_model_and_evaluate_round_trips(tmp_path, ray
 
 def test_four_clients_give_the_same_model_on_one_two_and_four_workers(tmp_path, ray_session):
     runs = {n: train(tmp_path, f"w{n}", "--clients", "4", "--workers", str(n), "--rounds", "2",
-                     "--partition", "dirichlet", "--beta", "0.5") for n in (1, 2, 4)}
+                     "--partition", "dirichlet", "--beta", "0.5", *FP32) for n in (1, 2, 4)}
     models = {n: final_state(run_dir) for n, (_, _, run_dir) in runs.items()}
     assert max_abs_diff(models[1], models[2]) <= 1e-5
     assert max_abs_diff(models[1], models[4]) <= 1e-5
