@@ -239,10 +239,11 @@ def resume_config(run_dir: str, given: dict) -> RunConfig:
     return cfg
 
 
-def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
-    """Flag values from a YAML or TOML file, checked and typed like the command line."""
+def read_mapping_file(path: str, label: str, missing: str, expected: str) -> dict:
+    """The top-level mapping of a YAML or TOML file; every problem is one ConfigError line
+    starting with `label` (`missing` when there is no file, `expected` when it is no mapping)."""
     if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file")
+        raise ConfigError(f"{label}: {missing}")
     try:
         if path.endswith(".toml"):
             import tomllib
@@ -255,9 +256,15 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
             with open(path) as f:
                 raw = yaml.safe_load(f) or {}
     except Exception as e:  # noqa: BLE001 - any parse error becomes one line
-        raise ConfigError(f"--config {path}: cannot parse it ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{label}: cannot parse it ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+        raise ConfigError(f"{label}: expected {expected}")
+    return raw
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Flag values from a YAML or TOML file, checked and typed like the command line."""
+    raw = read_mapping_file(path, f"--config {path}", "no such file", "a mapping of flag names to values")
     actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     values = {}
     for key, value in raw.items():

@@ -25,6 +25,15 @@ from .losses import attacking
 from .precision import Forward
 
 
+def shard_batches(x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int, rank: int, world_size: int,
+                  device: torch.device):
+    """(batch index b, float images, labels) of this rank's batches: batch b belongs to rank
+    b % world_size, so every image is evaluated once across the workers."""
+    for b, start in enumerate(range(0, len(y), batch_size)):
+        if b % world_size == rank:
+            yield b, to_float(x_uint8[start:start + batch_size]).to(device), y[start:start + batch_size].to(device)
+
+
 def count_correct(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
     """[images, natural correct, robust correct] over this rank's batches (float64 tensor)."""
     return count_correct_by_class(model, x_uint8, y, **kwargs).sum(dim=1)
@@ -42,11 +51,7 @@ def count_correct_by_class(model: torch.nn.Module, x_uint8: torch.Tensor, y: tor
     counts = torch.zeros(3, num_classes, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    for b, start in enumerate(range(0, len(y), batch_size)):
-        if b % world_size != rank:
-            continue
-        x = to_float(x_uint8[start:start + batch_size]).to(device)
-        t = y[start:start + batch_size].to(device)
+    for b, x, t in shard_batches(x_uint8, y, batch_size, rank, world_size, device):
         with torch.no_grad():
             natural = forward(model, x).argmax(1) == t
         if steps > 0 and epsilon > 0:

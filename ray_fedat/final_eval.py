@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .attacks import pgd_ce
-from .data import to_float
+from .evaluation import shard_batches
 from .federation import generator_for
 from .losses import attacking
 from .precision import Forward
@@ -94,11 +94,7 @@ def attack_counts(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the checks also warn through `warnings`: kept once, via the logger
-            for b, start in enumerate(range(0, len(y), batch_size)):
-                if b % world != rank:
-                    continue
-                x = to_float(x_uint8[start:start + batch_size]).to(device)
-                t = y[start:start + batch_size].to(device)
+            for b, x, t in shard_batches(x_uint8, y, batch_size, rank, world, device):
                 with torch.no_grad():
                     natural = forward(model, x).argmax(1) == t
                 with attacking(model):

@@ -65,23 +65,9 @@ class Grid:
 
 def read_grid_file(path: str) -> dict:
     """The grid file's mapping, keys as the train flags' names with underscores."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such grid file")
-    try:
-        if path.endswith(".toml"):
-            import tomllib
+    from .config import read_mapping_file
 
-            with open(path, "rb") as f:
-                raw = tomllib.load(f)
-        else:
-            import yaml
-
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
-        raise ConfigError(f"{path}: cannot parse it ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of train flag names to values (lists vary)")
+    raw = read_mapping_file(path, path, "no such grid file", "a mapping of train flag names to values (lists vary)")
     return {str(k).lstrip("-").replace("-", "_"): v for k, v in raw.items()}
 
 
