@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from typing import Any, Dict, List, Optional
 
 from ray.train.v2.api.callback import UserCallback
@@ -38,18 +37,14 @@ def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
 
 
 class RunRecorder(UserCallback):
-    """metrics.jsonl, workers.json, best models, curves.png, TensorBoard events and Ray
-    dashboard gauges, updated after every report."""
-
-    # Drawing curves.png takes a fraction of a second inside Ray's report path: redraw at
-    # most this often, so short rounds do not pay for it (the driver draws the final one).
-    CURVES_EVERY_S = 10.0
+    """metrics.jsonl, workers.json, best models, TensorBoard events and Ray dashboard gauges,
+    updated after every report. curves.png is the driver's (train.fit_with_progress): drawing
+    here would import matplotlib into Ray Train's controller and cost every run start-up time."""
 
     def __init__(self, run_dir: str, title: str = "", run_name: Optional[str] = None):
         self.run_dir = run_dir
         self.run_name = run_name or os.path.basename(run_dir)  # the gauges' run label
         self.title = title
-        self._last_drawn = 0.0
         self.records = {r["round"]: r for r in read_metrics(run_dir)}
         self._tensorboard = None
         self._gauges = None
@@ -70,10 +65,7 @@ class RunRecorder(UserCallback):
         self._publish(record)
 
     def _publish(self, record: Dict[str, Any]) -> None:
-        """Curves, TensorBoard and dashboard metrics: helpful views, never worth a failed run."""
-        if time.monotonic() - self._last_drawn >= self.CURVES_EVERY_S:
-            draw_curves(self.run_dir, [self.records[r] for r in sorted(self.records)], self.title)
-            self._last_drawn = time.monotonic()
+        """TensorBoard and dashboard metrics: helpful views, never worth a failed run."""
         scalars = {k: record[k] for k in ("natural_acc", "robust_acc", "val_natural_acc", "val_robust_acc", "train_loss", "round_s")
                    if record.get(k) is not None}
         if self._tensorboard is None:

@@ -244,9 +244,16 @@ def print_new_rounds(run_dir: str, printed: dict, total_rounds: int, started: fl
     return printed
 
 
-def fit_with_progress(trainer, run_dir: str, total_rounds: int, started: float, rounds_before: int):
-    """Run trainer.fit() in a thread while this (main) thread prints each round and
-    listens for Ctrl-C. Returns (result, error, interrupted)."""
+# Drawing curves.png takes a fraction of a second: redraw at most this often while training.
+CURVES_EVERY_S = 10.0
+
+
+def fit_with_progress(trainer, run_dir: str, total_rounds: int, started: float, rounds_before: int,
+                      title: str = ""):
+    """Run trainer.fit() in a thread while this (main) thread prints each round, redraws
+    curves.png now and then, and listens for Ctrl-C. Returns (result, error, interrupted)."""
+    from .recorder import draw_curves, read_metrics
+
     outcome = {}
 
     def fit():
@@ -258,10 +265,15 @@ def fit_with_progress(trainer, run_dir: str, total_rounds: int, started: float, 
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
     printed = shown_rounds(run_dir)
+    drawn = time.monotonic()
     try:
         while thread.is_alive():
             thread.join(0.5)
-            printed = print_new_rounds(run_dir, printed, total_rounds, started, rounds_before)
+            latest = print_new_rounds(run_dir, printed, total_rounds, started, rounds_before)
+            if latest != printed and time.monotonic() - drawn >= CURVES_EVERY_S:
+                draw_curves(run_dir, read_metrics(run_dir), title)
+                drawn = time.monotonic()
+            printed = latest
     except KeyboardInterrupt:
         print_new_rounds(run_dir, printed, total_rounds, started, rounds_before)
         return None, None, True
@@ -536,6 +548,10 @@ def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
     elif os.path.exists(run_dir) and os.listdir(run_dir):
         fail(f"run directory {run_dir} already holds a run; choose another --name, or --resume {run_dir}")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
+    if not (cfg.address or os.environ.get("RAY_ADDRESS")):
+        # A private local Ray has no spot nodes to lose: its preemption-watcher actor (a process
+        # started with every run) watches nothing.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if cfg.dashboard or cfg.address or os.environ.get("RAY_ADDRESS"):
         # Only a dashboard reads it, and it costs seconds of start-up per run (measured: the
         # first round of a local digits run began 6 s later with it), so a local run
@@ -592,7 +608,7 @@ def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
         summarise("running")
         started = time.time()
         result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started,
-                                                     len(read_metrics(run_dir)))
+                                                     len(read_metrics(run_dir)), title)
         status, error = "finished", None
         if interrupted:
             status, error = "interrupted", "interrupted by the user (Ctrl-C)"
