@@ -113,7 +113,7 @@ def run_one_rank_collectives(rank, store_file, out_dir, backend, device):
     for rule in RULES:
         updates = ClientUpdates(rule, DIM, 7, dev)
         for cid in range(7):
-            updates.add(cid, vectors[cid].to(dev), weights[cid], 0.0)
+            updates.add(cid, vectors[cid].to(dev), weights[cid], 0.01 * cid)
         results[rule] = updates.aggregate([list(range(7))], trim_ratio=0.2, f=1)[3].cpu()
     torch.save(results, os.path.join(out_dir, "one_rank.pt"))
     dist.destroy_process_group()
@@ -133,4 +133,5 @@ def test_one_rank_runs_every_collective_the_rules_use(tmp_path):
     assert r["chosen"].tolist() == [3, 1]
     vectors, weights = client_vectors(7)  # Bulyan needs 4f + 3
     for rule in RULES:
-        assert torch.allclose(r[rule], aggregate(rule, vectors, weights, trim_ratio=0.2, f=1), atol=1e-5, rtol=1e-6)
+        expected = aggregate(rule, vectors, weights, trim_ratio=0.2, f=1, losses=0.01 * torch.arange(7.0))
+        assert torch.allclose(r[rule], expected, atol=1e-5, rtol=1e-6), rule
