@@ -6,6 +6,14 @@ import pytest
 SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist-t10k")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that starts a real Ray counts as slow: `pytest -m "not slow"` is the quick
+    loop of the pure parts (about 2 minutes on 2 cores); plain `pytest -q` runs everything."""
+    for item in items:
+        if item.get_closest_marker("ray") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 def read_idx(path):
     from ray_fedat.data import read_idx_gz
 
