@@ -122,7 +122,9 @@ def test_krum_run_with_a_byzantine_client_records_it(tmp_path, ray_session):
     with open(tmp_path / "byz" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert records[-1]["participants"] == list(range(5))
-    assert records[-1]["natural_acc"] > 0.5  # the N(0, 1) client is left out: the model still learns
+    # The N(0, 1) client is left out: the model still learns (~50% after 2 rounds in fp32 and
+    # bf16; an aggregate with that client's noise in it sits near chance, 10%).
+    assert records[-1]["natural_acc"] > 0.3
 
 
 @pytest.mark.ray
