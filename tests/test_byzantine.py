@@ -113,7 +113,7 @@ def test_krum_run_with_a_byzantine_client_records_it(tmp_path, ray_session):
 
     cfg = parse_config(["--dataset", "digits", "--storage-path", str(tmp_path), "--name", "byz", "--clients", "5",
                         "--aggregator", "multi-krum", "--byzantine", "1", "--byzantine-attack", "gaussian",
-                        "--rounds", "2", "--model", "mlp", "--eval-samples", "200"])
+                        "--rounds", "2", "--model", "mlp", "--eval-samples", "200", "--final-attack", "none"])
     summary = run(cfg)
     assert summary["status"] == "finished" and summary["rounds_completed"] == 2
     assert summary["byzantine"] == {"clients": byzantine_clients(5, 1, 0), "attack": "gaussian"}
@@ -141,7 +141,8 @@ def test_the_attacked_clients_update_is_the_attacked_one(tmp_path, ray_session):
     attacker = byzantine_clients(2, 1, seed)[0]
     cfg = parse_config(["--dataset", "digits", "--storage-path", str(tmp_path), "--name", "noise", "--clients", "2",
                         "--client-fraction", "0.5", "--byzantine", "1", "--byzantine-attack", "gaussian",
-                        "--rounds", "1", "--model", "mlp", "--eval-samples", "50", "--seed", str(seed)])
+                        "--rounds", "1", "--model", "mlp", "--eval-samples", "50", "--seed", str(seed),
+                        "--final-attack", "none"])
     assert run(cfg)["status"] == "finished"
     torch.manual_seed(seed)  # the workers' initial global model
     initial, spec = flatten_state(build_model("mlp", (1, 8, 8), 10).state_dict())

@@ -16,6 +16,10 @@ TIMING_KEYS = {"round_s", "train_s", "aggregate_s", "eval_s", "started_at", "end
 
 
 def train(tmp_path, name, *argv):
+    """A digits run on the shared Ray. No final attack unless the test asks for one: it has its
+    own tests (test_final_attack.py, the CLI end-to-end run), and it costs every run seconds."""
+    if "--final-attack" not in argv:
+        argv = (*argv, "--final-attack", "none")
     cfg = parse_config(["--dataset", "digits", "--storage-path", str(tmp_path), "--name", name, *argv])
     summary = run(cfg)
     run_dir = os.path.join(str(tmp_path), name)

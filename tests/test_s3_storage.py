@@ -90,7 +90,8 @@ def test_checkpoints_in_s3_survive_a_killed_worker_and_resume(s3, tmp_path):
     uri, fs, env = s3
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2", "--rounds", "4",
-           "--storage-path", uri, "--name", "s3run", "--output-dir", str(out), "--max-failures", "1"]
+           "--storage-path", uri, "--name", "s3run", "--output-dir", str(out), "--max-failures", "1",
+           "--final-attack", "none"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         kill_worker_after_round(proc, str(out), 2)
@@ -134,7 +135,7 @@ def test_no_storage_secret_reaches_a_runtime_env_the_dashboard_shows(s3, tmp_pat
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
                              "--rounds", "30", "--eval-samples", "50", "--deterministic", "--dashboard", "--storage-path", uri,
-                             "--name", "secret", "--output-dir", str(tmp_path / "out")],
+                             "--name", "secret", "--output-dir", str(tmp_path / "out"), "--final-attack", "none"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     console = Console(proc)
     try:

@@ -85,7 +85,7 @@ def read_tensorboard_scalars(run_dir):
 def test_report_curves_and_tensorboard_for_two_runs(tmp_path, ray_session):
     from test_ray_training import train
 
-    summary_a, records_a, dir_a = train(tmp_path, "a", "--rounds", "3", "--test-every", "1")
+    summary_a, records_a, dir_a = train(tmp_path, "a", "--rounds", "3", "--test-every", "1", "--final-attack", "apgd")
     _, _, dir_b = train(tmp_path, "b", "--rounds", "2", "--method", "pgd", "--final-attack", "none")
     for run_dir in (dir_a, dir_b):
         with open(os.path.join(run_dir, "curves.png"), "rb") as f:
