@@ -69,9 +69,11 @@ def test_a_killed_worker_costs_nothing(tmp_path, ray_session):
     _, plain, plain_dir = train(tmp_path, "plain", "--rounds", "8", "--local-epochs", "2", *SCHEDULE)
     assert max_abs_diff(final_state(run_dir), final_state(plain_dir)) <= 1e-6
     # Every round as in the uninterrupted run: the same lr, attack, scores, and evaluated on
-    # the same rounds (1, 4, 8), the restarted group's first round included.
+    # the same rounds (validation 1, 4, 8; the test set at the last), the restarted group's
+    # first round included.
     assert same_rounds(records) == same_rounds(plain)
-    assert [r["round"] for r in records if r["natural_acc"] is not None] == [1, 4, 8]
+    assert [r["round"] for r in records if r["val_natural_acc"] is not None] == [1, 4, 8]
+    assert [r["round"] for r in records if r["natural_acc"] is not None] == [8]
 
 
 @pytest.mark.slow

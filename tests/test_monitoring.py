@@ -125,7 +125,7 @@ def test_a_dashboard_run_shows_in_the_train_api_the_jobs_list_the_logs_and_prome
         "RAY_TRAIN_ENABLE_STATE_TRACKING", None)
     proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
                              "--rounds", "6", "--dashboard", "--storage-path", str(tmp_path), "--name", name,
-                             "--final-attack", "none"],
+                             "--final-attack", "none", "--test-every", "1"],  # test gauges every round
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     console = Console(proc)
     try:
