@@ -33,9 +33,16 @@ def scores(state, data, attack, images=100, world=1):
     return combine_shards(shards)["m"]
 
 
-def test_apgd_pair_is_at_least_as_strong_as_pgd_100_and_the_yardstick(trained):
+@pytest.fixture(scope="module")
+def apgd_on_100(trained):
+    """APGD-CE + APGD-T on the first 100 test images, one worker (shared by the tests below)."""
     state, data = trained
-    apgd, pgd100 = scores(state, data, "apgd"), scores(state, data, "pgd-100")
+    return scores(state, data, "apgd")
+
+
+def test_apgd_pair_is_at_least_as_strong_as_pgd_100_and_the_yardstick(trained, apgd_on_100):
+    state, data = trained
+    apgd, pgd100 = apgd_on_100, scores(state, data, "pgd-100")
     assert apgd["images"] == pgd100["images"] == 100
     assert apgd["natural_acc"] > 0.8 and apgd["yardstick_acc"] > 0.3  # a model worth attacking
     # Same images, same natural and yardstick numbers (PGD-100 from another random start may keep
@@ -46,10 +53,10 @@ def test_apgd_pair_is_at_least_as_strong_as_pgd_100_and_the_yardstick(trained):
     assert apgd["robust_acc"] < apgd["natural_acc"]  # it really attacked
 
 
-def test_shards_add_up_to_the_single_worker_numbers(trained):
+def test_shards_add_up_to_the_single_worker_numbers(trained, apgd_on_100):
     """Split over 3 workers as the driver splits it, the counts are the single worker's exactly."""
     state, data = trained
-    one, three = scores(state, data, "apgd", images=120), scores(state, data, "apgd", images=120, world=3)
+    one, three = apgd_on_100, scores(state, data, "apgd", world=3)
     for key in ("images", "natural_acc", "yardstick_acc", "robust_acc"):
         assert one[key] == three[key], key
 
@@ -80,10 +87,7 @@ def test_masked_gradients_fool_the_yardstick_and_the_warning_fires(trained):
     results = {"final": {"natural_acc": natural / n, "yardstick_acc": yardstick / n, "robust_acc": strong / n}}
     warning = weak_yardstick_warning(results, "apgd", "PGD-10")
     assert warning and "masks gradients" in warning and "\n" not in warning
-    # The unmasked model's gap stays under the threshold, so the warning is not always on.
-    plain = scores(state, data, "apgd")
-    assert weak_yardstick_warning({"final": plain}, "apgd", "PGD-10") is None or \
-        plain["yardstick_acc"] - plain["robust_acc"] > 0.05
+    # (That the warning stays quiet within 5 points is test_methods.py's pure test.)
 
 
 def test_default_samples_fit_the_time_and_take_all_small_test_sets():
