@@ -109,11 +109,13 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
     output = args.output or args.checkpoint + ".eval.json"
     with open(output, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"{'checkpoint':<12}{result['checkpoint']}")
-    print(f"{'data':<12}{cfg.dataset}, {result['images']} test images, eps={cfg.epsilon:.4g}")
-    print(f"{'natural':<12}{100 * result['natural_acc']:6.2f}%")
-    print(f"{result['attack']:<12}{100 * result['robust_acc']:6.2f}%")
-    print(f"{'written':<12}{output}")
+    print(f"{'checkpoint':<20}{result['checkpoint']}")
+    print(f"{'data':<20}{cfg.dataset}, {result['images']} test images, eps={cfg.epsilon:.4g}")
+    print(f"{'natural':<20}{100 * result['natural_acc']:6.2f}%")
+    print(f"{result['attack']:<20}{100 * result['robust_acc']:6.2f}%")
+    if "yardstick" in result:
+        print(f"{result['yardstick'] + ' (yardstick)':<20}{100 * result['yardstick_acc']:6.2f}%")
+    print(f"{'written':<20}{output}")
     return result
 
 
