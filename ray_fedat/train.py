@@ -396,8 +396,7 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
     import ray
 
     from .checkpoints import load_model_file
-    from .final_eval import (ATTACK_NAMES, attack_shard, combine_shards, default_samples, pass_seconds,
-                             weak_yardstick_warning)
+    from .final_eval import ATTACK_NAMES, attack_shard, combine_shards, weak_yardstick_warning
     from .recorder import BEST_FILES
 
     files = {"final": final_model, "best_robust": BEST_FILES["robust"]}
