@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "validation set, which chooses the best models, is scored at every evaluated round")
     g.add_argument("--eval-samples", type=int, default=None,
                    help="evaluate on the first N test images and the first N validation images (default: all)")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                   help="evaluation and final-attack batch size (default: 64 on a CPU, 256 on a GPU)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="smallcnn, lenet, resnet18, mlp (per dataset)")
     g = p.add_argument_group("cluster and outputs")

@@ -22,6 +22,7 @@ from .data import load_dataset
 from .evaluation import count_correct
 from .final_eval import ATTACK_NAMES, attack_counts
 from .precision import prepare_model
+from .run_config import eval_batch_size_for
 from .models import build_model
 
 
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-file", default=None, help="override the run's --data-file (npz)")
     p.add_argument("--data-dir", default=None, help="override the run's --data-dir")
     p.add_argument("--samples", type=int, default=None, help="evaluate the first N test images")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: the run's --eval-batch-size, else 64 on a CPU and 256 on a GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--output", default=None, help="JSON results path (default: <checkpoint>.eval.json)")
@@ -89,10 +91,11 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
     x, y = data.x_test, data.y_test
     if args.samples:
         x, y = x[: args.samples], y[: args.samples]
+    batch_size = eval_batch_size_for(args.batch_size or cfg.eval_batch_size, device.type == "cuda")
     started = time.time()
     steps = cfg.eval_steps if args.attack == "pgd" else 0
     n, natural, robust = count_correct(model, x, y, epsilon=cfg.epsilon, step_size=cfg.eval_step_size, steps=steps,
-                                       batch_size=args.batch_size, seed=args.seed, round_=0, device=device).tolist()
+                                       batch_size=batch_size, seed=args.seed, round_=0, device=device).tolist()
     result = {"checkpoint": os.path.abspath(args.checkpoint), "round": meta.get("round"), "dataset": cfg.dataset,
               "model": meta.get("model") or cfg.model, "images": int(n), "epsilon": cfg.epsilon,
               "natural_acc": natural / n}
@@ -101,7 +104,7 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
     else:
         shard = attack_counts(model, x, y, args.attack, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
                               yardstick_steps=cfg.eval_steps, num_classes=data.num_classes,
-                              batch_size=args.batch_size, seed=args.seed, device=device)
+                              batch_size=batch_size, seed=args.seed, device=device)
         _, _, yardstick, strong = shard["counts"].tolist()
         result.update(attack=ATTACK_NAMES[args.attack], robust_acc=strong / n,
                       yardstick=f"PGD-{cfg.eval_steps}", yardstick_acc=yardstick / n, checks=shard["checks"])

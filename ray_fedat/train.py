@@ -18,7 +18,7 @@ import numpy as np
 
 from .config import parse_config
 from .errors import ConfigError
-from .run_config import RunConfig
+from .run_config import RunConfig, eval_batch_size_for
 from .monitoring import enable_state_tracking, job_config, submission_id, watch_info, watch_lines
 
 # Ray Train's report() waits for the controller's next poll of the workers, which happens
@@ -424,7 +424,8 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
     try:
         states_ref, x_ref, y_ref = ray.put(states), ray.put(x), ray.put(y)
         refs = [task.remote(states_ref, cfg.model, data.shape, data.num_classes, x_ref, y_ref, cfg.final_attack,
-                            cfg.epsilon, cfg.eval_step_size, cfg.eval_steps, cfg.eval_batch_size, cfg.seed,
+                            cfg.epsilon, cfg.eval_step_size, cfg.eval_steps,
+                            eval_batch_size_for(cfg.eval_batch_size, use_gpu), cfg.seed,
                             rank, cfg.workers, use_gpu, cfg.cpus_per_worker)
                 for rank in range(cfg.workers)]
         results = combine_shards(ray.get(refs))

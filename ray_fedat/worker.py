@@ -30,7 +30,7 @@ from .byzantine import STREAM as BYZANTINE_STREAM
 from .byzantine import byzantine_clients, corrupt_update, flip_labels, trainable_mask
 from .checkpoints import RESTORE_HEADER, pack_restore_state, read_checkpoint, save_checkpoint, unpack_restore_state
 from .client import ClientShard, LocalTrainingConfig, train_client
-from .run_config import RunConfig
+from .run_config import RunConfig, eval_batch_size_for
 from .evaluation import evaluate_distributed
 from .federation import ClientUpdates, assign_clients, generator_for, sample_clients, world_and_rank
 from .models import build_model
@@ -193,9 +193,11 @@ def train_loop_per_worker(payload: dict) -> None:
     planner = RoundPlanner(cfg, payload.get("deadline"), device)
     planner.restore(plan)
 
+    eval_batch = eval_batch_size_for(cfg.eval_batch_size, device.type == "cuda")
+
     def score_set(x, y, round_: int) -> dict:
         return evaluate_distributed(model, x, y, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
-                                    steps=cfg.eval_steps, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                                    steps=cfg.eval_steps, batch_size=eval_batch, seed=cfg.seed,
                                     round_=round_, device=device, num_classes=payload["num_classes"])
 
     def evaluate_validation(round_: int) -> dict:

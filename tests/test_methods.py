@@ -175,3 +175,22 @@ def test_each_method_flag_changes_what_a_client_learns():
     models = {m: trained(shard, 0.0, m) for m in ("mart", "trades", "pgd", "calfat")}
     assert all(not torch.allclose(models["mart"], models[m]) for m in ("trades", "pgd", "calfat"))
     assert trained(shard, 0.0, "mart").equal(models["mart"])  # and it is deterministic
+
+
+def test_default_eval_batches_share_a_small_set_evenly_between_two_workers():
+    """Batch b goes to rank b mod N; with 256-image batches 300 images split 256 / 44, and
+    the round waits for the busier worker. The CPU default (64) splits them within one batch."""
+    from ray_fedat.evaluation import shard_batches
+    from ray_fedat.run_config import eval_batch_size_for
+
+    x, y = torch.zeros(300, 1, 4, 4, dtype=torch.uint8), torch.zeros(300, dtype=torch.long)
+
+    def shares(batch_size):
+        return [sum(len(t) for _, _, t in shard_batches(x, y, batch_size, rank, 2, torch.device("cpu")))
+                for rank in range(2)]
+
+    assert shares(256) == [256, 44]
+    cpu = eval_batch_size_for(None, on_gpu=False)
+    assert sum(shares(cpu)) == 300 and max(shares(cpu)) - min(shares(cpu)) <= cpu
+    assert max(shares(cpu)) <= 0.65 * 300
+    assert eval_batch_size_for(None, on_gpu=True) == 256 and eval_batch_size_for(32, on_gpu=True) == 32
