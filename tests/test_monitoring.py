@@ -124,7 +124,7 @@ def test_a_dashboard_run_shows_in_the_train_api_the_jobs_list_the_logs_and_prome
     env.pop(  # the CLI must turn state tracking on by itself
         "RAY_TRAIN_ENABLE_STATE_TRACKING", None)
     proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
-                             "--rounds", "6", "--dashboard", "--storage-path", str(tmp_path), "--name", name,
+                             "--rounds", "12", "--dashboard", "--storage-path", str(tmp_path), "--name", name,
                              "--final-attack", "none", "--test-every", "1"],  # test gauges every round
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     console = Console(proc)
@@ -195,7 +195,7 @@ def test_a_dashboard_run_shows_in_the_train_api_the_jobs_list_the_logs_and_prome
     for rank in (0, 1):
         lines = [ln for path in glob.glob(os.path.join(logs_dir, "worker-*.out"))
                  for ln in open(path, errors="replace") if ln.startswith(f"[rank {rank} @ ")]
-        assert [int(re.search(r"round (\d+)/6", ln).group(1)) for ln in lines] == list(range(1, 7)), lines
+        assert [int(re.search(r"round (\d+)/12", ln).group(1)) for ln in lines] == list(range(1, 13)), lines
 
 
 def test_the_grafana_dashboard_queries_exactly_our_exported_gauges():
