@@ -45,19 +45,37 @@ def starting_point(x: torch.Tensor, eps: float, generator: Optional[torch.Genera
     raise ValueError(f"unknown attack start {start!r}")
 
 
-def pgd_ce(model: Logits, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
-           generator: Optional[torch.Generator] = None, start: str = "uniform") -> torch.Tensor:
-    """Madry et al. PGD on the cross-entropy loss, from a uniform random start in the eps-ball
-    (or from `start`, see starting_point). One step of 1.25 eps from the uniform start is
-    Wong et al.'s FGSM-RS."""
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Carlini-Wagner's margin, summed: max_{k != y} z_k - z_y. Unlike cross-entropy it does
+    not saturate when the model is very confident, so its gradient survives where CE's
+    vanishes (a common way models fool a CE-only attack)."""
+    true = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
+    return (others.max(dim=1).values - true).sum()
+
+
+ATTACK_LOSSES = {"ce": lambda logits, y: F.cross_entropy(logits, y, reduction="sum"), "margin": margin_loss}
+
+
+def pgd(model: Logits, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
+        generator: Optional[torch.Generator] = None, start: str = "uniform", loss: str = "ce") -> torch.Tensor:
+    """Madry et al. PGD on `loss` ("ce" cross-entropy, "margin" the CW margin), from a uniform
+    random start in the eps-ball (or from `start`, see starting_point)."""
+    objective = ATTACK_LOSSES[loss]
     x = x.detach()
     x_adv = starting_point(x, eps, generator, start)
     for _ in range(steps):
         x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x_adv)
+        (grad,) = torch.autograd.grad(objective(model(x_adv), y), x_adv)
         x_adv = project(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
+
+
+def pgd_ce(model: Logits, x: torch.Tensor, y: torch.Tensor, eps: float, step_size: float, steps: int,
+           generator: Optional[torch.Generator] = None, start: str = "uniform") -> torch.Tensor:
+    """PGD on the cross-entropy loss. One step of 1.25 eps from the uniform start is Wong et
+    al.'s FGSM-RS."""
+    return pgd(model, x, y, eps, step_size, steps, generator, start, "ce")
 
 
 def kl_attack(logits_fn: Logits, x: torch.Tensor, natural_probs: torch.Tensor, eps: float, step_size: float,

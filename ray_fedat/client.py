@@ -50,7 +50,7 @@ class LocalTrainingConfig:
     attack_start: str = "gaussian"
     precision: str = "fp32"  # "fp32" or "bf16" forwards (resolved; see precision.py)
     mart_beta: float = 6.0
-    calfat_scale: float = 1.0
+    calfat_scale: float = 10.0  # CalFAT's s, the authors' 10 (see losses.calfat_loss)
     prox_mu: float = 0.0  # FedProx's mu; 0: plain local training
 
 

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Optional, Sequence
 
-from .defaults import (AGGREGATORS, BYZANTINE_ATTACKS, CALFAT_PAPER_SCALE, DATASET_DEFAULTS, DATASETS,  # noqa: F401
+from .defaults import (AGGREGATORS, CLIENT_WEIGHTINGS, BYZANTINE_ATTACKS, CALFAT_PAPER_SCALE, DATASET_DEFAULTS, DATASETS,  # noqa: F401
                        FINAL_ATTACKS, METHODS, PARTITIONS, PRECISIONS)
 from .errors import ConfigError
 from .run_config import RunConfig
@@ -47,10 +47,13 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr and exit code 2."""
+    """argparse, but a usage error is one line on stderr and exit code 2, with any credential
+    in a URI it quotes (a mistyped flag's value) redacted."""
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        from .errors import redact_secrets
+
+        self.exit(2, f"{self.prog}: error: {redact_secrets(message)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--momentum", type=float, default=d.momentum, help="client SGD momentum")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="client SGD weight decay")
     g.add_argument("--aggregator", default=d.aggregator, help=f"one of {', '.join(AGGREGATORS)}")
+    g.add_argument("--client-weighting", default=d.client_weighting,
+                   help=f"one of {', '.join(CLIENT_WEIGHTINGS)}: each client's weight in the average is its sample count "
+                   "(FedAvg) or 1 (uniform, the CalFAT authors' average_weights)")
     g.add_argument("--trim-ratio", type=float, default=d.trim_ratio, help="trimmed-mean: share cut at each end")
     g.add_argument("--server-lr", type=float, default=d.server_lr, help="server step on the aggregated update (1 = FedAvg)")
     g.add_argument("--aggregator-f", type=int, default=None,
@@ -127,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--late-attack-from", type=float, default=d.late_attack_from,
                    help="share of the planned rounds after which the late attack takes over")
     g.add_argument("--trades-beta", type=float, default=d.trades_beta, help="TRADES KL weight")
-    g.add_argument("--calfat-tau", type=float, default=d.calfat_tau, help="CalFAT calibration strength: z + tau*log(class count)")
+    g.add_argument("--calfat-tau", type=float, default=d.calfat_tau,
+                   help="CalFAT's tau in the authors' cross_entropy(s * (z + tau * log n_c)): the prior's weight is s * tau")
     g.add_argument("--calfat-scale", type=parse_scale, default=d.calfat_scale,
-                   help="CalFAT logit scale s in cross_entropy(s * calibrated logits); 'paper' = "
-                   f"{CALFAT_PAPER_SCALE:g}, the authors' code")
+                   help="CalFAT's s in the authors' cross_entropy(s * (z + tau * log n_c)); the network outputs s * z, "
+                   f"and the KL attack runs at temperature s ('paper' = {CALFAT_PAPER_SCALE:g}, the authors' value)")
     g.add_argument("--mart-beta", type=float, default=d.mart_beta, help="MART's lambda: weight of the weighted KL term")
     g.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="hold out this share of the training data (before partitioning) to choose the best "
@@ -139,9 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"after training, attack the final and best-robust models once more: {', '.join(FINAL_ATTACKS)} "
                    "(apgd = APGD-CE + APGD-T with AutoAttack's settings, the default and the run's headline robust "
                    "number; autoattack = standard AutoAttack; both from the AutoAttack authors' code)")
-    g.add_argument("--final-samples", type=int, default=None,
-                   help="--final-attack on the first N test images (default: all that fit in about 15%% of the "
-                   "run's time, at least 100; with --time-budget, 15%% of the budget is kept for it)")
+    g.add_argument("--final-samples", type=int, default=d.final_samples,
+                   help="--final-attack on N test images, a fixed class-stratified subset that depends on the data and N "
+                   "only, so every run is scored on the same images (all of them when the test set is smaller); "
+                   "with --time-budget, 15%% of the budget is kept for it")
     g.add_argument("--eval-every", type=int, default=None,
                    help="evaluate the global model every N rounds and at the last (default: every round; with "
                    "--time-budget, as often as keeps evaluation under a fifth of the time)")

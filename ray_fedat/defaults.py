@@ -11,6 +11,7 @@ from typing import Optional
 DATASETS = ("mnist", "fmnist", "cifar10", "digits", "npz")
 PARTITIONS = ("iid", "dirichlet", "shards")
 METHODS = ("calfat", "trades", "mart", "pgd", "fgsm-rs", "natural")
+CLIENT_WEIGHTINGS = ("samples", "uniform")  # FedAvg by sample count; the CalFAT authors average unweighted
 AGGREGATORS = ("fedavg", "sfat", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 BYZANTINE_ATTACKS = ("sign-flip", "gaussian", "scale", "label-flip")  # byzantine.corrupt_update does them
 DEVICES = ("auto", "cpu", "cuda")

@@ -20,7 +20,7 @@ from .checkpoints import load_model_file
 from .config import DATASET_DEFAULTS, ConfigError, RunConfig, _OneLineParser, parse_fraction
 from .data import load_dataset
 from .evaluation import count_correct
-from .final_eval import ATTACK_NAMES, attack_counts
+from .final_eval import ATTACK_NAMES, attack_counts, stratified_subset, yardstick_name
 from .precision import prepare_model
 from .run_config import eval_batch_size_for
 from .models import build_model
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="override the run's dataset")
     p.add_argument("--data-file", default=None, help="override the run's --data-file (npz)")
     p.add_argument("--data-dir", default=None, help="override the run's --data-dir")
-    p.add_argument("--samples", type=int, default=None, help="evaluate the first N test images")
+    p.add_argument("--samples", type=int, default=None,
+                   help="evaluate N test images: the fixed class-stratified subset a run's final attack uses")
     p.add_argument("--batch-size", type=int, default=None,
                    help="default: the run's --eval-batch-size, else 64 on a CPU and 256 on a GPU")
     p.add_argument("--seed", type=int, default=0)
@@ -89,8 +90,9 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
                           f"({str(e).splitlines()[0]})") from None
     prepare_model(model, device).eval()  # the layout the workers evaluate with (channels_last on CUDA)
     x, y = data.x_test, data.y_test
-    if args.samples:
-        x, y = x[: args.samples], y[: args.samples]
+    if args.samples:  # the same fixed, class-stratified images as a run's final attack
+        chosen = stratified_subset(y, args.samples)
+        x, y = x[chosen], y[chosen]
     batch_size = eval_batch_size_for(args.batch_size or cfg.eval_batch_size, device.type == "cuda")
     started = time.time()
     steps = cfg.eval_steps if args.attack == "pgd" else 0
@@ -100,14 +102,14 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
               "model": meta.get("model") or cfg.model, "images": int(n), "epsilon": cfg.epsilon,
               "natural_acc": natural / n}
     if args.attack == "pgd":
-        result.update(attack=f"PGD-{cfg.eval_steps}", step_size=cfg.eval_step_size, robust_acc=robust / n)
+        result.update(attack=yardstick_name(cfg.eval_steps), step_size=cfg.eval_step_size, robust_acc=robust / n)
     else:
         shard = attack_counts(model, x, y, args.attack, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
                               yardstick_steps=cfg.eval_steps, num_classes=data.num_classes,
                               batch_size=batch_size, seed=args.seed, device=device)
         _, _, yardstick, strong = shard["counts"].tolist()
         result.update(attack=ATTACK_NAMES[args.attack], robust_acc=strong / n,
-                      yardstick=f"PGD-{cfg.eval_steps}", yardstick_acc=yardstick / n, checks=shard["checks"])
+                      yardstick=yardstick_name(cfg.eval_steps), yardstick_acc=yardstick / n, checks=shard["checks"])
     result["seconds"] = time.time() - started
     output = args.output or args.checkpoint + ".eval.json"
     with open(output, "w") as f:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .attacks import pgd_ce
+from .attacks import pgd
 from .data import to_float
 from .federation import generator_for
 from .losses import attacking
@@ -34,6 +34,31 @@ def shard_batches(x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int, rank:
             yield b, to_float(x_uint8[start:start + batch_size]).to(device), y[start:start + batch_size].to(device)
 
 
+YARDSTICK_LOSSES = ("ce", "margin")
+_STREAMS = {"ce": 0xE7A1, "margin": 0xE7A2}  # each loss's random starts, per (seed, round, batch)
+
+
+def yardstick_robust(model, forward: Forward, x: torch.Tensor, t: torch.Tensor, natural: torch.Tensor, *,
+                     epsilon: float, step_size: float, steps: int, seed: int, round_: int, batch_index: int,
+                     losses: Sequence[str] = YARDSTICK_LOSSES) -> torch.Tensor:
+    """Which images of a batch survive the yardstick: PGD on each loss in turn (cross-entropy,
+    then the CW margin), each run on the images every earlier attack failed on; an image is
+    robust only if it is classified correctly under all of them. The margin attack catches
+    models that flatten cross-entropy's gradient (saturated softmax), which a CE-only
+    yardstick reports as robust."""
+    robust = natural.clone()
+    for loss in losses:
+        keep = robust.nonzero().squeeze(1)
+        if len(keep) == 0:
+            break
+        with attacking(model):
+            x_adv = pgd(forward.of(model), x[keep], t[keep], epsilon, step_size, steps,
+                        generator_for(seed, round_, batch_index, _STREAMS[loss]), loss=loss)
+        with torch.no_grad():
+            robust[keep] = forward(model, x_adv).argmax(1) == t[keep]
+    return robust
+
+
 def count_correct(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
     """[images, natural correct, robust correct] over this rank's batches (float64 tensor)."""
     return count_correct_by_class(model, x_uint8, y, **kwargs).sum(dim=1)
@@ -42,7 +67,7 @@ def count_correct(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor
 def count_correct_by_class(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor, *, epsilon: float,
                            step_size: float, steps: int, batch_size: int, seed: int, round_: int, rank: int = 0,
                            world_size: int = 1, device: Optional[torch.device] = None,
-                           num_classes: Optional[int] = None) -> torch.Tensor:
+                           num_classes: Optional[int] = None, losses: Sequence[str] = YARDSTICK_LOSSES) -> torch.Tensor:
     """3 x C float64 counts per class over this rank's batches: images, natural correct,
     robust correct (C: num_classes, default max(y) + 1)."""
     device = device or torch.device("cpu")
@@ -55,11 +80,8 @@ def count_correct_by_class(model: torch.nn.Module, x_uint8: torch.Tensor, y: tor
         with torch.no_grad():
             natural = forward(model, x).argmax(1) == t
         if steps > 0 and epsilon > 0:
-            with attacking(model):
-                x_adv = pgd_ce(forward.of(model), x, t, epsilon, step_size, steps,
-                               generator_for(seed, round_, b, 0xE7A1))
-            with torch.no_grad():
-                robust = forward(model, x_adv).argmax(1) == t
+            robust = yardstick_robust(model, forward, x, t, natural, epsilon=epsilon, step_size=step_size, steps=steps,
+                                      seed=seed, round_=round_, batch_index=b, losses=losses)
         else:
             robust = natural
         # (3 x B) hits times (B x C) one-hot labels: per-class sums with a matmul, which is

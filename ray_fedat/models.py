@@ -75,6 +75,25 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class CalFATCifarCNN(nn.Module):
+    """The CalFAT authors' CIFAR-10 network (CNNCifar in cc233/CalFAT nets.py): three 3x3
+    convolutions of 128 channels with ReLU, max-pooling after the first two, one linear layer.
+    Sized for 32x32 inputs, as theirs."""
+
+    def __init__(self, shape, num_classes):
+        super().__init__()
+        c = shape[0]
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 128, 3), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(128, 128, 3), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(128, 128, 3), nn.ReLU(), nn.Flatten(),
+        )
+        self.classifier = nn.Linear(_flat_features(self.features, shape), num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
 def resnet18(shape, num_classes) -> nn.Module:
     """torchvision's ResNet-18 with the usual CIFAR stem (3x3 conv, stride 1, no max-pool)."""
     import torchvision
@@ -90,6 +109,7 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "lenet": LeNet,
     "mlp": MLP,
     "resnet18": resnet18,
+    "calfat-cnn": CalFATCifarCNN,
 }
 
 

@@ -4,16 +4,18 @@ Only model *forwards* change precision. In bf16 each forward runs under
 `torch.autocast(device_type, torch.bfloat16)` and returns float32 logits, so everything
 around it stays float32: the adversarial example, its noise, sign step and projection, the
 parameters and the optimizer, CalFAT's log-prior, aggregation and the collectives.
-Evaluation (the reported PGD yardstick) always runs in fp32. `--precision auto` is bf16 where
-the device computes bf16 natively (choose_precision).
+Evaluation (the reported PGD yardstick) always runs in fp32. `--precision auto` is decided
+once for the whole run: bf16 only where every worker's device computes bf16 natively
+(choose_precision on each, then run_precision's one all_gather), else fp32 on every worker.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -58,18 +60,22 @@ def native_cpu_bf16(cpuinfo_text: Optional[str], onednn_bf16: bool) -> Tuple[boo
     return False, f"this CPU has no {'/'.join(CPU_NATIVE_BF16_FLAGS)}: bf16 would be emulated"
 
 
+def onednn_bf16() -> bool:
+    """Whether this torch's oneDNN has bf16 kernels for this CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
 def cpu_bf16_capability() -> Tuple[bool, str]:
-    """native_cpu_bf16 for the CPU this process runs on."""
+    """native_cpu_bf16 for the CPU this process runs on (CPUINFO's text)."""
     try:
         with open(CPUINFO) as f:
             text = f.read()
     except OSError:
         text = None
-    try:
-        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch built without oneDNN
-        onednn = False
-    return native_cpu_bf16(text, onednn)
+    return native_cpu_bf16(text, onednn_bf16())
 
 
 def cuda_bf16_capability(device: torch.device) -> Tuple[bool, str]:
@@ -95,6 +101,37 @@ def choose_precision(requested: str, device: torch.device) -> Tuple[str, str]:
 def resolve_precision(requested: str, device: torch.device) -> str:
     """'fp32' or 'bf16' for this worker's device (see choose_precision)."""
     return choose_precision(requested, device)[0]
+
+
+def agree_on_precision(requested: str, local_choice: str, local_reason: str,
+                       native_by_rank: Sequence[bool]) -> Tuple[str, str]:
+    """The run's precision, the same on every worker, from this worker's own choice
+    (choose_precision) and whether each rank's device computes bf16 natively: under `auto`,
+    bf16 only when every rank does; when only some do, fp32 everywhere and the reason names
+    the ranks without it. An explicit --precision is every worker's choice already, and when
+    no rank has native bf16 each one's own reason says why."""
+    without = [rank for rank, native in enumerate(native_by_rank) if not native]
+    if requested != "auto" or not without or len(without) == len(native_by_rank):
+        return local_choice, local_reason
+    ranks = ", ".join(map(str, without))
+    whose = f"rank {ranks} has" if len(without) == 1 else f"ranks {ranks} have"
+    own = local_reason[len("auto: "):] if local_reason.startswith("auto: ") else local_reason
+    return "fp32", f"auto: {whose} no native bf16, so every worker runs fp32 (this worker: {own})"
+
+
+def run_precision(requested: str, device: torch.device) -> Tuple[str, str]:
+    """('fp32' or 'bf16', why) for the whole run, the same on every worker: under `auto` each
+    worker says whether its device computes bf16 natively (one all_gather of a 0/1 flag on
+    `device`, where the run's other collectives are), and bf16 needs all of them to; a
+    cluster of mixed CPUs or GPUs runs fp32 everywhere. Without a process group (one
+    process) it is choose_precision."""
+    choice, reason = choose_precision(requested, device)
+    if requested != "auto" or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return choice, reason
+    mine = torch.tensor([1.0 if choice == "bf16" else 0.0], dtype=torch.float32, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    return agree_on_precision(requested, choice, reason, [t.item() > 0.5 for t in everyone])
 
 
 def has_convolutions(model: nn.Module) -> bool:

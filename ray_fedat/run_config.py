@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .defaults import (AGGREGATORS, ATTACK_STARTS, BYZANTINE_ATTACKS, DATA_ON, DATASET_DEFAULTS, DATASETS, DEVICES,
+from .defaults import (AGGREGATORS, CLIENT_WEIGHTINGS, ATTACK_STARTS, BYZANTINE_ATTACKS, DATA_ON, DATASET_DEFAULTS, DATASETS, DEVICES,
                        FINAL_ATTACKS, METHODS, PARTITIONS, PRECISIONS)
 from .errors import ConfigError
 from .schedule import LR_SCHEDULES
@@ -45,6 +45,7 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 2e-4
     aggregator: str = "fedavg"
+    client_weighting: str = "samples"  # "uniform": every client counts the same, as the CalFAT authors average
     trim_ratio: float = 0.1
     server_lr: float = 1.0
     aggregator_f: Optional[int] = None  # None: --byzantine
@@ -67,11 +68,11 @@ class RunConfig:
     late_attack_from: float = 0.5
     trades_beta: float = 6.0
     calfat_tau: float = 0.1
-    calfat_scale: float = 1.0
+    calfat_scale: float = 10.0  # CalFAT's s, the authors' 10 (see losses.calfat_loss)
     mart_beta: float = 6.0
     val_fraction: float = 0.1
     final_attack: str = "apgd"
-    final_samples: Optional[int] = None
+    final_samples: int = 1000  # final_eval.DEFAULT_FINAL_IMAGES: the same stratified test images for every run
     eval_every: Optional[int] = None  # None: every round, or chosen by the planner under --time-budget
     test_every: int = 5  # the test set every N-th evaluated round (and at the last); validation every one
     eval_samples: Optional[int] = None
@@ -134,6 +135,10 @@ class RunConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        from .storage import credentials_message, has_credentials
+
+        if has_credentials(self.storage_path):  # first: refused before anything could echo or record it
+            raise ConfigError(credentials_message(self.storage_path))
         need(self.dataset in DATASETS, f"--dataset {self.dataset!r} is not one of {', '.join(DATASETS)}")
         if self.dataset == "npz":
             need(bool(self.data_file), "--dataset npz needs --data-file PATH (an .npz with x_train, y_train, x_test, y_test)")
@@ -141,6 +146,8 @@ class RunConfig:
         need(self.data_on in DATA_ON, f"--data-on {self.data_on!r} is not one of {', '.join(DATA_ON)}")
         need(self.partition in PARTITIONS, f"--partition {self.partition!r} is not one of {', '.join(PARTITIONS)}")
         need(self.method in METHODS, f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        need(self.client_weighting in CLIENT_WEIGHTINGS,
+             f"--client-weighting {self.client_weighting!r} is not one of {', '.join(CLIENT_WEIGHTINGS)}")
         need(self.aggregator in AGGREGATORS, f"--aggregator {self.aggregator!r} is not one of {', '.join(AGGREGATORS)}")
         need(self.device in DEVICES, f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         need(self.precision in PRECISIONS, f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -200,7 +207,7 @@ class RunConfig:
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         need(self.final_attack in FINAL_ATTACKS,
              f"--final-attack {self.final_attack!r} is not one of {', '.join(FINAL_ATTACKS)}")
-        need(self.final_samples is None or self.final_samples >= 1,
+        need(self.final_samples >= 1,
              f"--final-samples must be >= 1 (got {self.final_samples})")
         need(self.eval_every is None or self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})")
         need(self.test_every >= 1, f"--test-every must be >= 1 (got {self.test_every})")

@@ -22,11 +22,17 @@ import secrets
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
+from .errors import redact_secrets
+
 MARKER_FILE = ".ray_fedat_storage_marker"
 
 
 class StorageError(ValueError):
-    """A storage set-up that cannot work on this cluster (the CLI prints one line)."""
+    """A storage set-up that cannot work on this cluster (the CLI prints one line, with any
+    credential in a URI it quotes redacted)."""
+
+    def __init__(self, *args):
+        super().__init__(*(redact_secrets(a) if isinstance(a, str) else a for a in args))
 
 
 def is_uri(path: Optional[str]) -> bool:
@@ -40,6 +46,21 @@ def is_file_uri(path: Optional[str]) -> bool:
     return bool(path) and path.lower().startswith("file://")
 
 
+def has_credentials(path: Optional[str]) -> bool:
+    """Does a storage URI carry credentials (s3://KEY:SECRET@bucket, which pyarrow accepts, or a
+    secret-like query parameter)? The storage path is copied into summary.json, the console and
+    Ray Train's state export, so such a URI is refused, never used (see credentials_message)."""
+    return is_uri(path) and redact_secrets(path) != path
+
+
+def credentials_message(path: str) -> str:
+    """The one-line refusal of a storage URI with credentials; it never repeats them."""
+    return (f"--storage-path {redact_secrets(path.split('?', 1)[0])}: credentials in a storage URI are refused "
+            "(the URI is recorded in summary.json, the console and Ray's state); give every node "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in its environment or ~/.aws/credentials, and drop the "
+            "user:secret@ part (an '@' in the path itself: write it as %40)")
+
+
 STORE_PROBE_TIMEOUT_S = 3.0
 
 
@@ -48,6 +69,8 @@ def check_store_answers(storage_path: str, timeout_s: float = STORE_PROBE_TIMEOU
     (or refuses us), before Ray or any worker starts and before anything is written: one
     request for the bucket, with a short timeout and no retries. Other schemes are left to
     Ray Train."""
+    if has_credentials(storage_path):  # RunConfig.validate refuses it first; a RunConfig built in code too
+        raise StorageError(credentials_message(storage_path))
     if not is_uri(storage_path) or not storage_path.lower().startswith("s3://"):
         return
     from urllib.parse import parse_qs, urlparse
@@ -160,7 +183,7 @@ def plan_storage(storage_path: str, node_sees: Dict[str, bool], driver_node: str
     shared; if it is not, a worker must run on the driver's node: refuse when none can
     (say a CPU-only head with GPU workers), or when --worker-nodes leaves it out."""
     if is_uri(storage_path):
-        return StoragePlan(True, False, f"checkpoints go to {storage_path.split('?', 1)[0]}")
+        return StoragePlan(True, False, f"checkpoints go to {redact_secrets(storage_path.split('?', 1)[0])}")
     if all(node_sees.values()):
         return StoragePlan(True, False, f"checkpoints go to {storage_path}"
                            + (" (seen by every node)" if len(node_sees) > 1 else ""))

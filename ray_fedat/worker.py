@@ -35,7 +35,7 @@ from .evaluation import evaluate_distributed
 from .federation import ClientUpdates, assign_clients, generator_for, sample_clients, world_and_rank
 from .models import build_model
 from .monitoring import worker_round_line
-from .precision import choose_precision, configure_backends, prepare_model
+from .precision import configure_backends, prepare_model, run_precision
 from .schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds, schedule_round
 from .storage import RankStorage, sees_marker, storage_rank
 
@@ -151,6 +151,11 @@ def local_training_config(cfg: RunConfig, augment: bool, precision: str) -> Loca
                                cfg.mart_beta, cfg.calfat_scale, cfg.prox_mu)
 
 
+def client_weight(weighting: str, samples: int) -> float:
+    """A client's weight in the average: its sample count (FedAvg) or 1 (uniform)."""
+    return float(samples) if weighting == "samples" else 1.0
+
+
 def train_loop_per_worker(payload: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -161,8 +166,9 @@ def train_loop_per_worker(payload: dict) -> None:
     world = ray.train.get_context().get_world_size()
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device() if payload["use_gpu"] else torch.device("cpu")
-    # of the training forwards (evaluation stays fp32); the reason goes into summary.json's workers
-    precision, precision_reason = choose_precision(cfg.precision, device)
+    # The precision of the training forwards (evaluation stays fp32), one for the whole run: `auto`
+    # is bf16 only where every worker has native bf16. The reason goes into summary.json's workers.
+    precision, precision_reason = run_precision(cfg.precision, device)
     configure_backends(device, cfg.deterministic)
 
     clients_by_rank = assign_clients(cfg.clients, world, [sum(c) for c in payload["class_counts"]])
@@ -239,7 +245,7 @@ def train_loop_per_worker(payload: dict) -> None:
             if cid in byzantine:
                 update = corrupt_update(cfg.byzantine_attack, update, global_vec,
                                         generator_for(cfg.seed, round_, cid, BYZANTINE_STREAM), trainable)
-            updates.add(cid, update, len(shards[cid]), loss)
+            updates.add(cid, update, client_weight(cfg.client_weighting, len(shards[cid])), loss)
         t_train = time.perf_counter()
 
         taking_part = [[c for c in block if c in participants] for block in clients_by_rank]

@@ -1,11 +1,13 @@
 """The research toolkit's formulas, each against a hand computation on a tiny tensor: MART,
 FGSM-RS, FedProx's proximal term, CalFAT's logit scale, SFAT's weights, per-class and
 per-client accuracy, and the weak-yardstick warning."""
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ray_fedat.aggregation import aggregate, sfat, sfat_weights
 from ray_fedat.evaluation import client_expected_accuracy, count_correct, count_correct_by_class, worst_and_bottom
@@ -64,17 +66,103 @@ def test_proximal_term_is_half_mu_times_the_squared_distance():
     assert proximal_term(model, anchor, 0.2).item() == pytest.approx(0.5 * 0.2 * 3)
 
 
-@pytest.mark.parametrize("scale", [1.0, 10.0])
-def test_calfat_scale_multiplies_the_calibrated_logits(scale):
+def _authors_calfat(model_z, x, y, counts, start_noise, eps, step, steps, s=10.0, tau=0.1):
+    """A direct transcription of the CalFAT authors' formulas (cc233/CalFAT utils.py: kl_adv,
+    maxMarginLoss_kl, maxMarginLoss), on a network z: (x_adv, training loss, attack objective
+    at x_adv)."""
+    def calibrated(out):  # maxMarginLoss_kl.forward
+        return out + tau * torch.log(counts + 1e-7)
+
+    model_z.eval()
+    x_adv = x.detach() + 0.001 * start_noise
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        loss_kl = nn.KLDivLoss(reduction="sum")(F.log_softmax(calibrated(model_z(x_adv)), dim=1),
+                                                F.softmax(calibrated(model_z(x)), dim=1))
+        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+        x_adv = x_adv.detach() + step * torch.sign(grad.detach())
+        x_adv = torch.clamp(torch.min(torch.max(x_adv, x - eps), x + eps), 0.0, 1.0)
+    objective = nn.KLDivLoss(reduction="sum")(F.log_softmax(calibrated(model_z(x_adv)), dim=1),
+                                              F.softmax(calibrated(model_z(x)), dim=1))
+    model_z.train()
+    loss = F.cross_entropy(s * calibrated(model_z(x_adv)), y)  # maxMarginLoss.forward
+    return x_adv.detach(), loss, objective
+
+
+def _scaled_copy(model_z, s):
+    """The same network with its last layer multiplied by s: it outputs t = s * z."""
+    model_t = nn.Sequential(*[copy.deepcopy(m) for m in model_z])
+    with torch.no_grad():
+        model_t[-1].weight.mul_(s)
+        model_t[-1].bias.mul_(s)
+    return model_t
+
+
+@pytest.mark.parametrize("dirichlet_counts", [False, True])
+def test_calfat_is_the_authors_objective_on_a_network_that_outputs_s_times_z(dirichlet_counts):
+    """Our calfat_loss on t = s * z equals the authors' loss on z, its attack maximises the
+    authors' KL objective (the same adversarial examples, step for step), and it attacks in
+    eval mode: dropout would otherwise make the two differ."""
+    torch.manual_seed(0)
+    model_z = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 4)).double()
+    model_t = _scaled_copy(model_z, 10.0)
+    x = 0.3 + 0.4 * torch.rand(5, 6, dtype=torch.float64)  # inside [0, 1] with room for the start noise
+    y = torch.tensor([0, 1, 2, 3, 1])
+    counts = torch.tensor([500.0, 3.0, 1.0, 40.0] if dirichlet_counts else [100.0, 100.0, 100.0, 100.0],
+                          dtype=torch.float64)
+    eps, step, steps = 0.1, 0.01, 7
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).double()  # drawn as the attack draws it
+    x_adv_ref, loss_ref, objective_ref = _authors_calfat(model_z, x, y, counts, noise, eps, step, steps)
+
+    # Ours, with the same start (the test's noise through the generator the attack draws from).
+    ctx = LocalContext(eps, step, steps, counts, torch.Generator().manual_seed(3), attack_start="gaussian")
+    assert ctx.calfat_scale == 10.0 and ctx.calfat_tau == 0.1  # the authors' s and tau are the defaults
+    model_t.train()
+    captured = {}
+    import ray_fedat.losses as losses
+    real_kl_attack = losses.kl_attack
+
+    def capture(*args, **kwargs):
+        captured["x_adv"] = real_kl_attack(*args, **kwargs)
+        captured["training"] = model_t.training
+        return captured["x_adv"]
+
+    losses.kl_attack = capture
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(1)  # dropout's draw in the update, the same in both
+            ours = calfat_loss(model_t, x, y, ctx)
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            model_z.train()
+            loss_ref = F.cross_entropy(10.0 * (model_z(x_adv_ref) + 0.1 * torch.log(counts + 1e-7)), y)
+    finally:
+        losses.kl_attack = real_kl_attack
+    assert captured["training"] is False  # the attack ran in eval mode
+    assert model_t.training  # and the update in train mode
+    assert torch.allclose(captured["x_adv"], x_adv_ref, atol=1e-12)
+    assert ours.item() == pytest.approx(loss_ref.item(), rel=1e-6)  # theirs adds 1e-7 inside the log
+    # The attack objective: KL of the calibrated logits at temperature s, equal to theirs.
+    model_t.eval()
+    prior = 10.0 * 0.1 * torch.log(counts)
+    ours_objective = F.kl_div(F.log_softmax((model_t(x_adv_ref) + prior) / 10.0, dim=1),
+                              F.softmax((model_t(x) + prior) / 10.0, dim=1), reduction="sum")
+    assert ours_objective.item() == pytest.approx(objective_ref.item(), rel=1e-6)
+
+
+def test_calfat_prior_has_full_weight_relative_to_the_trained_logits():
+    """Relative to what the network outputs, the authors' prior weighs s * tau = 1: the loss
+    is cross_entropy(t + log n_c). With s = 1 it is the plain calibrated cross-entropy."""
     model = nn.Linear(2, 3, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]))
     x = torch.tensor([[0.2, 0.6]])
     counts = torch.tensor([10.0, 1.0, 100.0])
-    ctx = LocalContext(0.0, 0.0, 0, counts, attack_start="none", calfat_scale=scale)  # no attack: x_adv = x
-    z = [0.2 + 0.1 * math.log(10), 0.6 + 0.1 * math.log(1), 0.4 + 0.1 * math.log(100)]
-    expected = -math.log(softmax([scale * v for v in z])[1])
-    assert calfat_loss(model, x, torch.tensor([1]), ctx).item() == pytest.approx(expected, rel=1e-6)
+    for scale, weight in ((10.0, 1.0), (1.0, 0.1)):
+        ctx = LocalContext(0.0, 0.0, 0, counts, attack_start="none", calfat_scale=scale)  # no attack: x_adv = x
+        t = [0.2 + weight * math.log(10), 0.6 + weight * math.log(1), 0.4 + weight * math.log(100)]
+        expected = -math.log(softmax(t)[1])
+        assert calfat_loss(model, x, torch.tensor([1]), ctx).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_sfat_upweights_the_top_k_lowest_loss_clients():

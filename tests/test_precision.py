@@ -16,9 +16,9 @@ from ray_fedat.data import load_dataset, load_digits, to_float
 from ray_fedat.evaluation import count_correct
 from ray_fedat.federation import generator_for
 from ray_fedat.models import build_model
-from ray_fedat.precision import (Forward, choose_precision, configure_backends, cpu_bf16_capability, cpu_flags,
-                                 deterministic_env_vars, is_channels_last, native_cpu_bf16, prepare_model,
-                                 resolve_precision)
+from ray_fedat.precision import (Forward, agree_on_precision, choose_precision, configure_backends, cpu_bf16_capability,
+                                 cpu_flags, deterministic_env_vars, is_channels_last, native_cpu_bf16, prepare_model,
+                                 resolve_precision, run_precision)
 
 EPS, STEP = 0.1, 0.025
 CPU = torch.device("cpu")
@@ -207,6 +207,7 @@ def test_precision_auto_is_bf16_where_the_cpu_has_native_bf16_and_fp32_where_it_
     import ray_fedat.precision as precision
 
     monkeypatch.setattr(precision, "CPUINFO", "/nonexistent/cpuinfo")
+    monkeypatch.setattr(precision, "onednn_bf16", lambda: True)  # whatever this machine's torch has
     assert choose_precision("auto", CPU) == ("fp32", "auto: cannot read this CPU's flags, so bf16 may be emulated")
     monkeypatch.setattr(precision, "cpu_bf16_capability", lambda: (True, "this CPU has amx_bf16"))
     assert choose_precision("auto", CPU) == ("bf16", "auto: this CPU has amx_bf16")
@@ -217,17 +218,103 @@ def test_precision_auto_is_bf16_where_the_cpu_has_native_bf16_and_fp32_where_it_
     assert resolve_precision("auto", CPU) == "fp32"
 
 
-def test_this_machines_cpu_answer_matches_its_flags():
-    """The real check on the CPU the tests run on, whichever it is."""
+@pytest.mark.parametrize("text,onednn,native", [
+    (X86_CPUINFO.format(extra="amx_bf16 amx_tile avx512_bf16"), True, True),
+    (X86_CPUINFO.format(extra="avx512_bf16"), True, True),
+    (X86_CPUINFO.format(extra="avx512vl avx512_vnni"), True, False),  # AVX512 alone: oneDNN would emulate bf16
+    (X86_CPUINFO.format(extra="amx_bf16"), False, False),
+    (ARM_CPUINFO.format(extra="bf16"), True, True),
+    (None, True, False),  # no cpuinfo file at all
+])
+def test_auto_reads_the_cpuinfo_file_and_onednn_it_is_given(tmp_path, monkeypatch, text, onednn, native):
+    """cpu_bf16_capability and choose_precision on fixed /proc/cpuinfo texts and a fixed oneDNN
+    answer, whatever CPU runs the test: each case can fail on any machine."""
+    import ray_fedat.precision as precision
+
+    path = tmp_path / "cpuinfo"
+    if text is not None:
+        path.write_text(text)
+    monkeypatch.setattr(precision, "CPUINFO", str(path))
+    monkeypatch.setattr(precision, "onednn_bf16", lambda: onednn)
+    assert cpu_bf16_capability()[0] is native
+    assert choose_precision("auto", CPU)[0] == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
+
+
+def test_this_machines_cpu_answer_follows_its_flags_both_ways():
+    """On the CPU the tests run on: bf16 exactly when oneDNN has bf16 kernels and the flags show
+    AMX-BF16 / AVX512-BF16 (x86) or BF16 (arm64), fp32 otherwise (both directions checked)."""
+    import ray_fedat.precision as precision
+
     try:
         with open("/proc/cpuinfo") as f:
-            flags = cpu_flags(f.read()) or set()
+            flags = cpu_flags(f.read())
     except OSError:
-        flags = set()
-    native, _ = cpu_bf16_capability()
-    if not ({"amx_bf16", "avx512_bf16", "bf16"} & flags):
-        assert native is False
-    assert resolve_precision("auto", CPU) == ("bf16" if native else "fp32")
+        flags = None
+    expected = bool(flags) and precision.onednn_bf16() and bool({"amx_bf16", "avx512_bf16", "bf16"} & flags)
+    assert cpu_bf16_capability()[0] is expected
+    assert resolve_precision("auto", CPU) == ("bf16" if expected else "fp32")
+
+
+def test_auto_is_agreed_by_all_workers_and_explicit_choices_are_kept():
+    native = ("bf16", "auto: this CPU has amx_bf16")
+    emulated = ("fp32", "auto: this CPU has no amx_bf16/avx512_bf16: bf16 would be emulated")
+    assert agree_on_precision("auto", *native, [True, True]) == native  # every worker native: bf16
+    assert agree_on_precision("auto", *emulated, [False, False]) == emulated  # none: each says why itself
+    choice, why = agree_on_precision("auto", *native, [True, False])  # another worker lacks it: fp32 here too
+    assert choice == "fp32" and why == "auto: rank 1 has no native bf16, so every worker runs fp32 " \
+                                       "(this worker: this CPU has amx_bf16)"
+    choice, why = agree_on_precision("auto", *emulated, [False, True, False])
+    assert choice == "fp32" and why.startswith("auto: ranks 0, 2 have no native bf16, so every worker runs fp32")
+    assert agree_on_precision("bf16", "bf16", "--precision bf16", [True, False]) == ("bf16", "--precision bf16")
+    assert agree_on_precision("fp32", "fp32", "--precision fp32", [True, True]) == ("fp32", "--precision fp32")
+    assert agree_on_precision("auto", *native, [True]) == native  # one worker
+    assert run_precision("fp32", CPU) == ("fp32", "--precision fp32")  # no process group: this worker alone
+
+
+PRECISION_CASES = {  # name -> (--precision, the ranks that fake a CPU without native bf16)
+    "rank 1 lacks bf16": ("auto", (1,)),
+    "rank 0 lacks bf16": ("auto", (0,)),
+    "both have bf16": ("auto", ()),
+    "neither has bf16": ("auto", (0, 1)),
+    "explicit bf16": ("bf16", (1,)),
+}
+
+
+def agree_precision_rank(rank, world, store_file, out_dir):
+    import torch.distributed as dist
+
+    import ray_fedat.precision as precision
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
+    results = {}
+    for name, (requested, without) in PRECISION_CASES.items():
+        precision.cpu_bf16_capability = ((lambda: (False, "this CPU has no avx512_bf16: bf16 would be emulated"))
+                                         if rank in without else (lambda: (True, "this CPU has amx_bf16")))
+        results[name] = run_precision(requested, CPU)
+    torch.save(results, os.path.join(out_dir, f"precision{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_gloo_workers_agree_on_one_precision(tmp_path):
+    """2 real gloo processes, as Ray Train's workers: one faking a CPU without native bf16 makes
+    both run fp32, and both give the same reason for it."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(agree_precision_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"precision{r}.pt") for r in (0, 1))
+    for name, (requested, without) in PRECISION_CASES.items():
+        expected = "bf16" if requested == "bf16" or not without else "fp32"
+        assert r0[name][0] == r1[name][0] == expected, name
+    for name, lacking in (("rank 1 lacks bf16", "rank 1 has"), ("rank 0 lacks bf16", "rank 0 has")):
+        head = f"auto: {lacking} no native bf16, so every worker runs fp32"
+        assert r0[name][1].startswith(head) and r1[name][1].startswith(head), (name, r0[name], r1[name])
+    assert r0["rank 1 lacks bf16"][1].endswith("(this worker: this CPU has amx_bf16)")  # native itself
+    assert r1["rank 1 lacks bf16"][1].endswith("(this worker: this CPU has no avx512_bf16: bf16 would be emulated)")
+    assert r0["neither has bf16"] == r1["neither has bf16"] == ("fp32", "auto: this CPU has no avx512_bf16: bf16 "
+                                                                         "would be emulated")
+    assert r0["both have bf16"] == r1["both have bf16"] == ("bf16", "auto: this CPU has amx_bf16")
+    assert r0["explicit bf16"] == r1["explicit bf16"] == ("bf16", "--precision bf16")
 
 
 def test_precision_auto_on_cuda_asks_for_native_bf16_only(monkeypatch):

@@ -82,16 +82,9 @@ def test_time_budget_plans_rounds_and_finishes_inside_it(tmp_path, ray_session):
 
 
 def test_final_attack_reserve_of_a_time_budget():
-    """A --time-budget run plans its rounds in 85% of the budget when a final attack follows, and
-    gives the attack what is left; without a budget the attack gets 15% of the whole run."""
-    import time
-
-    from ray_fedat.train import final_attack_seconds, training_share
+    """A --time-budget run plans its rounds in 85% of the budget when a final attack follows."""
+    from ray_fedat.train import training_share
 
     with_attack = parse_config(["--dataset", "digits", "--time-budget", "100"])
     assert training_share(with_attack) == pytest.approx(0.85)
     assert training_share(parse_config(["--dataset", "digits", "--final-attack", "none"])) == 1.0
-    launched = time.time() - 80  # the rounds took 80 s of the 100
-    assert 15.0 <= final_attack_seconds(with_attack, launched) <= 17.0  # 100 - 80 - 3 s to write and stop
-    no_budget = parse_config(["--dataset", "digits"])
-    assert final_attack_seconds(no_budget, launched) == pytest.approx(0.15 / 0.85 * 80, rel=0.01)

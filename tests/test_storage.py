@@ -57,6 +57,84 @@ def test_resume_keeps_a_uri_storage_and_takes_the_output_dir_from_the_run_dir(tm
     assert (cfg.storage_path, cfg.name, cfg.output_dir, cfg.rounds) == (S3, "r", str(tmp_path / "r"), 4)
 
 
+SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYzSECRET"  # an AWS-like secret: "/" and "+" in it
+
+
+@pytest.mark.parametrize("uri", [
+    f"s3://AKIAKEYID:{SECRET}@bucket/runs?endpoint_override=127.0.0.1:8333&scheme=http",
+    f"s3://AKIAKEYID:{SECRET}@bucket/runs",
+    f"s3://{SECRET}@bucket/runs",  # pyarrow takes a bare userinfo as the access key
+    f"gs://user:{SECRET}@bucket/runs",
+    f"s3://bucket/runs?endpoint_override=127.0.0.1:8333&secret_key={SECRET}",
+])
+def test_a_storage_uri_with_credentials_is_refused_in_one_line_without_them(uri, tmp_path, capsys):
+    """Refused before anything runs (the URI would be copied into summary.json, the console and
+    Ray Train's state export), by parse_config, --print-config, a RunConfig built in code and a
+    resumed run's saved config alike, and no message repeats the secret."""
+    import json
+
+    from ray_fedat.config import RunConfig
+    from ray_fedat.storage import check_store_answers, has_credentials
+    from ray_fedat.train import main
+
+    assert has_credentials(uri)
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--storage-path", uri])
+    message = str(e.value)
+    assert "credentials in a storage URI are refused" in message and "AWS_SECRET_ACCESS_KEY" in message
+    assert "~/.aws" in message and "\n" not in message
+    assert SECRET not in message and "AKIAKEYID" not in message
+    with pytest.raises(SystemExit) as e:
+        main(["--storage-path", uri, "--print-config"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and len(err.splitlines()) == 1 and SECRET not in err
+    with pytest.raises(ConfigError) as e:
+        RunConfig(storage_path=uri).resolved().validate()
+    assert SECRET not in str(e.value)
+    with pytest.raises(StorageError) as e:
+        check_store_answers(uri)  # train.run's first step, for a RunConfig that skipped validate()
+    assert "credentials in a storage URI are refused" in str(e.value) and SECRET not in str(e.value)
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {**parse_config([]).to_dict(), "storage_path": uri}}))
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--resume", str(tmp_path)])
+    assert SECRET not in str(e.value)
+
+
+def test_no_error_message_repeats_a_uri_credential(tmp_path, capsys):
+    """Every one-line error (configuration, storage, argparse, the sweep) strips a URI's
+    user:secret@ part, wherever the URI sits in the message."""
+    from ray_fedat import sweep
+    from ray_fedat.errors import redact_secrets
+
+    uri = f"s3://AKIAKEYID:{SECRET}@bucket/runs"
+    assert redact_secrets(f"--storage-path {uri}?endpoint_override=h:1: x") == \
+        "--storage-path s3://***@bucket/runs?endpoint_override=h:1: x"
+    assert redact_secrets("ray://me:pw@head:10001 and 'gs://u:p@b/x'") == "ray://***@head:10001 and 'gs://***@b/x'"
+    assert redact_secrets("s3://b/p?region=r&secret_key=S&session_token=T") == \
+        "s3://b/p?region=r&secret_key=***&session_token=***"
+    assert redact_secrets(S3) == S3 and redact_secrets("mail me@example.com") == "mail me@example.com"
+    for error in (ConfigError(f"--output-dir {uri} must be a local directory"), StorageError(f"{uri}: no")):
+        assert SECRET not in str(error) and "s3://***@bucket/runs" in str(error)
+    with pytest.raises(ConfigError) as e:
+        parse_config(["--output-dir", uri])
+    assert "must be a local directory" in str(e.value) and SECRET not in str(e.value)
+    with pytest.raises(SystemExit):  # a mistyped flag: argparse quotes its value
+        parse_config(["--storage-pth", uri])
+    assert SECRET not in capsys.readouterr().err
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"storage_path: '{uri}'\nrounds: 1\n")
+    with pytest.raises(SystemExit) as e:
+        sweep.main([str(grid), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "storage_path s3://***@bucket/runs" in err and SECRET not in out + err
+
+
+def test_an_at_sign_in_a_uri_path_is_refused_with_how_to_write_it():
+    with pytest.raises(ConfigError, match="write it as %40"):
+        parse_config(["--storage-path", "s3://bucket/v@2/runs"])
+    assert parse_config(["--storage-path", "s3://bucket/v%402/runs"]).storage_path == "s3://bucket/v%402/runs"
+
+
 def test_worker_nodes_needs_one_node_per_worker():
     assert parse_config(["--workers", "2", "--worker-nodes", "10.0.0.1, 10.0.0.2"]).worker_node_list() == \
         ["10.0.0.1", "10.0.0.2"]
