@@ -27,27 +27,28 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .attacks import pgd_ce
-from .evaluation import shard_batches
+from .evaluation import shard_batches, yardstick_robust
 from .federation import generator_for
 from .losses import attacking
 from .precision import Forward
 
 WEAK_YARDSTICK_GAP = 0.05
 ATTACK_NAMES = {"pgd-100": "PGD-100", "apgd": "APGD-CE + APGD-T", "autoattack": "AutoAttack (standard)"}
-# Share of a run's time the default --final-samples lets the final attack take.
+# Share of a --time-budget kept for the final attack.
 FINAL_ATTACK_SHARE = 0.15
-# Model forward+backward passes per image each attack costs at most, as multiples of
-# (images naturally correct, images still robust after APGD-CE): APGD-CE runs 100 iterations on
-# every correctly classified image, APGD-T 100 per target class on the ones still robust; FAB-T
-# (9 x 100, about two passes each) and Square (5000 queries, forward only) follow in standard
-# AutoAttack. Used only to size the default sample.
-ATTACK_PASSES = {"pgd-100": (100, 0), "apgd": (100, 900), "autoattack": (100, 900 + 1800 + 1700)}
+DEFAULT_FINAL_IMAGES = 1000  # the fewest test images a robustness claim may rest on
+_SUBSET_SEED = 20260  # the final attack's images: fixed, so every run is scored on the same ones
 _YARDSTICK_STREAM = 0xE7A1  # the same random starts as per-round evaluation (evaluation.py)
 
 
 def autoattack(model: torch.nn.Module, attack: str, eps: float, num_classes: int, seed: int, device: torch.device):
     """pyautoattack's AutoAttack for `attack` ("apgd" or "autoattack"), with standard AutoAttack's
-    settings; `attacks_run` lists the checks it warned about."""
+    settings; `attacks_run` lists the checks it warned about.
+
+    With fewer than 4 classes APGD-T's targeted DLR loss cannot be computed (it reads the 3rd
+    and 4th largest logits: an IndexError mid-attack), so APGD-T runs on the targeted
+    cross-entropy loss that pyautoattack's APGDAttack_targeted also has, against all
+    num_classes - 1 other classes; the checks' line about the class count says so."""
     from pyautoattack import AutoAttack
 
     if attack == "autoattack":
@@ -61,6 +62,21 @@ def autoattack(model: torch.nn.Module, attack: str, eps: float, num_classes: int
     adversary.apgd_targeted.n_target_classes = targets
     adversary.fab.n_target_classes = targets
     adversary.verbose = False
+    if num_classes < 4:
+        # Its perturb() accepts only loss='dlr-targeted', so the DLR method itself is pointed at
+        # the CE one (attack_single_run looks it up on the instance).
+        adversary.apgd_targeted.dlr_loss_targeted = adversary.apgd_targeted.ce_loss_targeted
+        note = (f"APGD-T used the targeted cross-entropy loss: with {num_classes} classes the targeted DLR "
+                "loss is not possible")
+
+        def reword(record: logging.LogRecord) -> bool:  # AutoAttack's class-count check, about what ran
+            if "classes it is not possible to use the" in record.getMessage():
+                record.msg, record.args = note, ()
+            return True
+
+        logger = logging.getLogger(f"auto-attack.classes{num_classes}")  # its records reach auto-attack's handlers
+        logger.filters = [reword]  # set, not added: one filter however many batches
+        adversary.logger = logger
     return adversary
 
 
@@ -97,14 +113,20 @@ def attack_counts(model: torch.nn.Module, x_uint8: torch.Tensor, y: torch.Tensor
             for b, x, t in shard_batches(x_uint8, y, batch_size, rank, world, device):
                 with torch.no_grad():
                     natural = forward(model, x).argmax(1) == t
-                with attacking(model):
-                    x_yard = pgd_ce(forward.of(model), x, t, epsilon, step_size, yardstick_steps,
-                                    generator_for(seed, 0, b, _YARDSTICK_STREAM))
-                    x_strong = strong_examples(model, forward, x, t, attack, epsilon=epsilon, step_size=step_size,
-                                               num_classes=num_classes, seed=seed, batch_index=b, device=device)
-                with torch.no_grad():
-                    yardstick = forward(model, x_yard).argmax(1) == t
-                    strong = forward(model, x_strong).argmax(1) == t
+                yardstick = yardstick_robust(model, forward, x, t, natural, epsilon=epsilon, step_size=step_size,
+                                             steps=yardstick_steps, seed=seed, round_=0, batch_index=b)
+                # Per image, AutoAttack's own accounting: robust only if every attack that ran
+                # failed on it. The strong attack runs on the images the yardstick left (the
+                # others are already counted as broken), so its count is never above it.
+                strong = yardstick.clone()
+                keep = yardstick.nonzero().squeeze(1)
+                if len(keep):
+                    with attacking(model):
+                        x_strong = strong_examples(model, forward, x[keep], t[keep], attack, epsilon=epsilon,
+                                                   step_size=step_size, num_classes=num_classes, seed=seed,
+                                                   batch_index=b, device=device)
+                    with torch.no_grad():
+                        strong[keep] = forward(model, x_strong).argmax(1) == t[keep]
                 counts += torch.tensor([len(t), natural.sum().item(), yardstick.sum().item(), strong.sum().item()],
                                        dtype=torch.float64)
     finally:
@@ -159,26 +181,44 @@ def combine_shards(shards: Sequence[Dict[str, dict]]) -> Dict[str, dict]:
     return out
 
 
-def default_samples(test_images: int, seconds: float, workers: int, pass_s: float, natural_acc: float,
-                    robust_acc: float, attack: str, models: int, yardstick_steps: int) -> int:
-    """How many test images the final attack can afford in `seconds`: every image's expected
-    passes (ATTACK_PASSES, with the accuracies of the last evaluation, plus the yardstick's)
-    at `pass_s` seconds per image pass on one worker, spread over `workers`. All images when
-    they fit; at least 100 (or all, when fewer)."""
-    first, later = ATTACK_PASSES[attack]
-    per_image = pass_s * models * (1 + yardstick_steps + first * natural_acc + later * robust_acc)
-    fit = int(seconds * workers / max(per_image, 1e-12))
-    return max(min(100, test_images), min(test_images, fit))
+def stratified_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """The sorted indices of the n images the final attack scores: a seeded draw from every
+    class in proportion to its share of `labels` (largest remainders take the leftover
+    places). It depends on the labels and n only, never on the run's seed, method or
+    machine, so every run on the same data is scored on the same images; and it covers
+    every class even when the file is sorted by class."""
+    labels = labels.cpu().long()
+    total = len(labels)
+    if n >= total:
+        return torch.arange(total)
+    classes, sizes = torch.unique(labels, return_counts=True)
+    exact = sizes.double() * n / total
+    take = exact.floor().long()
+    leftover = n - int(take.sum())
+    # The largest remainders first; ties by class order, so the choice is deterministic.
+    order = sorted(range(len(classes)), key=lambda i: (-(exact[i] - take[i]).item(), i))
+    for i in order[:leftover]:
+        take[i] += 1
+    generator = torch.Generator().manual_seed(_SUBSET_SEED)
+    chosen = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        members = (labels == c).nonzero().squeeze(1)
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    return torch.cat(chosen).sort().values
 
 
-def pass_seconds(record: dict, workers: int, eval_steps: int) -> Optional[float]:
-    """Seconds one worker spends on one image pass (forward + backward), from a round's
-    evaluation time: each worker ran natural + eval_steps attack passes + the robust forward
-    on its share of the test and validation images."""
-    images = (record.get("eval_images") or 0) + (record.get("val_images") or 0)
-    if not record.get("eval_s") or not images:
-        return None
-    return record["eval_s"] / (images / workers * (eval_steps + 2))
+def images_digest(indices: torch.Tensor) -> str:
+    """A short fingerprint of the attacked test images' indices: two runs with the same one
+    were scored on the same images."""
+    import hashlib
+
+    return hashlib.sha1(indices.cpu().long().numpy().tobytes()).hexdigest()[:12]
+
+
+def yardstick_name(steps: int) -> str:
+    """The per-round yardstick's name: PGD with `steps` steps on cross-entropy, then on the CW
+    margin (evaluation.yardstick_robust)."""
+    return f"PGD-{steps} CE+margin"
 
 
 def weak_yardstick_warning(results: Dict[str, dict], attack: str, yardstick: str) -> Optional[str]:

@@ -21,16 +21,17 @@ def summarize(run_dir: str) -> dict:
     records = read_metrics(run_dir)
     evaluated = [r for r in records if r.get("natural_acc") is not None]
     best = best_rounds(records)
-    cfg = summary["config"]
+    cfg = summary.get("config") or {}  # a sweep run that failed before it started has none
     clients = (summary.get("client_robustness") or {}).get("robust") or {}
     attack = summary.get("final_attack") or {}
     final_strong = (attack.get("models") or {}).get("final", {}).get("robust_acc")
     return {
         "run": os.path.basename(os.path.normpath(run_dir)),
-        "dataset": cfg["dataset"], "method": cfg["method"], "partition": cfg["partition"],
-        "clients": cfg["clients"], "rounds": records[-1]["round"] if records else 0, "status": summary["status"],
+        "dataset": cfg.get("dataset"), "method": cfg.get("method"), "partition": cfg.get("partition"),
+        "clients": cfg.get("clients"), "rounds": records[-1]["round"] if records else 0, "status": summary["status"],
         "final_nat": evaluated[-1]["natural_acc"] if evaluated else None,
         "final_rob": evaluated[-1]["robust_acc"] if evaluated else None,
+        "test_images": evaluated[-1].get("eval_images") if evaluated else None,  # behind every test robust number
         "best_nat": best["natural"]["natural_acc"] if best["natural"] else None,
         "best_nat_round": best["natural"]["round"] if best["natural"] else None,
         "best_rob": best["robust"]["robust_acc"] if best["robust"] else None,
@@ -42,26 +43,48 @@ def summarize(run_dir: str) -> dict:
         "final_strong_rob": final_strong,  # the headline robust accuracy
         "final_attack_images": attack.get("images") if final_strong is not None else None,
         "wall_s": summary.get("wall_s"),
+        "final_attack_checks": check_lines(attack),
+        "error": summary.get("error"),
     }
+
+
+def check_lines(final_attack: Optional[dict]) -> List[str]:
+    """AutoAttack's check warnings of the final attack, one line each with the models it
+    warned on: `AutoAttack check (final, best_robust): ...` (none: no lines). A check says
+    the robust number may overstate (zero gradients, a randomised model, ...): it belongs
+    beside the number, not only in summary.json."""
+    models: dict = {}
+    for name, r in ((final_attack or {}).get("models") or {}).items():
+        for check in r.get("checks") or []:
+            models.setdefault(check, []).append(name)
+    return [f"AutoAttack check ({', '.join(names)}): {check}" for check, names in models.items()]
 
 
 def format_table(rows: List[dict]) -> str:
     def pct(v):
         return "-" if v is None else f"{100 * v:.1f}%"
 
+    def rob(v, images):  # a robust number and the test images behind it
+        return pct(v) if v is None or not images else f"{pct(v)} ({images} img)"
+
     header = ["run", "dataset", "method", "partition", "K", "rounds", "final nat", "final rob (yardstick)",
               "best nat (round)", "best rob (round)", "chosen on", "worst client rob", "bottom 20% rob",
               "final robust (strong attack)", "wall", "status"]
-    body = [[r["run"], r["dataset"], r["method"], r["partition"], str(r["clients"]), str(r["rounds"]),
-             pct(r["final_nat"]), pct(r["final_rob"]), f"{pct(r['best_nat'])} ({r['best_nat_round']})",
-             f"{pct(r['best_rob'])} ({r['best_rob_round']})", r["chosen_on"], pct(r["worst_client_rob"]),
-             pct(r["bottom20_rob"]),
+    body = [[r["run"], str(r["dataset"]), str(r["method"]), str(r["partition"]), str(r["clients"]), str(r["rounds"]),
+             pct(r["final_nat"]), rob(r["final_rob"], r["test_images"]),
+             f"{pct(r['best_nat'])} ({r['best_nat_round']})",
+             f"{rob(r['best_rob'], r['test_images'])} ({r['best_rob_round']})", r["chosen_on"],
+             rob(r["worst_client_rob"], r["test_images"]), rob(r["bottom20_rob"], r["test_images"]),
              "-" if r["final_strong_rob"] is None else
              f"{pct(r['final_strong_rob'])} {r['final_attack']}, {r['final_attack_images']} images",
              "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}s", r["status"]] for r in rows]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in rows:  # below the table: what a number cannot say
+        lines += [f"{r['run']}: {line}" for line in r["final_attack_checks"]]
+        if r["status"] == "failed" and r["error"]:
+            lines.append(f"{r['run']}: failed: {r['error']}")
     return "\n".join(lines)
 
 

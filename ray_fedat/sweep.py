@@ -17,11 +17,13 @@ The functions down to `plan_runs` are pure (no Ray): they expand, name and plan 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -32,6 +34,9 @@ from .config import ConfigError, build_parser, parse_config
 SWEEP_OWNED = ("name", "output_dir", "resume", "config", "print_config", "dry_run")
 # Keys that must be the same for every run: where the sweep's Ray and directory are.
 SHARED_ONLY = ("storage_path", "address", "dashboard", "dashboard_host")
+# Keys that must be the same for every run so that their numbers compare, and why.
+COMPARABLE_ONLY = {"final_samples": "every run's final attack must score the same test images for the robust "
+                                    "accuracies of the table to compare"}
 PATH_KEYS = ("data_dir", "data_file", "storage_path")  # made absolute: Tune trials run elsewhere
 SWEEP_FILE = "sweep.json"
 DRIVER_MEMORY = 256 * 2**20  # bytes a trial reserves for its run's driver (data, Ray handles)
@@ -95,6 +100,8 @@ def expand_grid(raw: dict) -> Grid:
                 raise ConfigError(f"{key}: an empty list gives no runs")
             if key in SHARED_ONLY:
                 raise ConfigError(f"{key} cannot vary within a sweep (all its runs share one Ray and one directory)")
+            if key in COMPARABLE_ONLY:
+                raise ConfigError(f"{key} cannot vary within a sweep: {COMPARABLE_ONLY[key]}; set one value")
             if len(set(map(repr, value))) != len(value):
                 raise ConfigError(f"{key} lists a value twice: {value}")
             varying[key] = value
@@ -176,7 +183,10 @@ def run_argv(grid: Grid, cell: Cell, seed: int, sweep_dir: str, time_budget: Opt
 
 def run_state(run_dir: str, retry_failed: bool = False) -> Tuple[str, str]:
     """(state, note) of a run directory: new (nothing there), finished, failed (both kept),
-    or resume (started and cut short: the driver was killed, Ctrl-C, a lost node)."""
+    or resume (any other status: started and cut short by a killed driver, Ctrl-C or a lost
+    node, in training or in its final attack; resuming a run whose rounds are all done runs
+    its final attack again). A failed run retried with `retry_failed` resumes, or starts
+    anew when it failed before it started (record_failure: nothing of it to keep)."""
     path = os.path.join(run_dir, "summary.json")
     if not os.path.isfile(path):
         return "new", ""
@@ -188,7 +198,60 @@ def run_state(run_dir: str, retry_failed: bool = False) -> Tuple[str, str]:
     status = summary.get("status")
     if status == "finished" or (status == "failed" and not retry_failed):
         return status, summary.get("error") or ""
+    if status == "failed" and summary.get("started") is False:
+        return "new", f"failed before it started: {summary.get('error') or ''}"
     return "resume", f"{status} after round {summary.get('rounds_completed', 0)}"
+
+
+def record_failure(run_dir: str, error: str, config: Optional[dict] = None) -> None:
+    """Mark a run failed that ended without saying so itself: it stopped before train.run
+    wrote its summary (a --device cuda without GPUs, a bad resume), or while resuming,
+    before rewriting it. Unmarked, the sweep would take it for new or cut short and retry it
+    at every invocation, failing the same way each time. An existing summary keeps its
+    rounds; a new one says `started: false`."""
+    from .recorder import atomic_write_text
+
+    path = os.path.join(run_dir, "summary.json")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        summary = {"config": config, "rounds_completed": 0, "final": None, "final_attack": None, "started": False}
+    summary.update(status="failed", error=error)
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_text(path, json.dumps(summary, indent=1))
+
+
+class ErrorLine(io.TextIOBase):
+    """A stream that passes everything to `out` and keeps the last `ray_fedat: error:` line
+    (train.fail's message: its SystemExit carries only the exit code)."""
+    PREFIX = "ray_fedat: error: "
+
+    def __init__(self, out):
+        super().__init__()
+        self.out, self.last, self._partial = out, None, ""
+
+    def write(self, text: str) -> int:
+        self.out.write(text)
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()[-4096:]
+        for line in lines:
+            if line.startswith(self.PREFIX):
+                self.last = line[len(self.PREFIX):].strip()
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def fileno(self) -> int:  # for code that writes to the file descriptor (faulthandler)
+        return self.out.fileno()
+
+    def isatty(self) -> bool:
+        return self.out.isatty()
+
+    @property
+    def encoding(self):
+        return getattr(self.out, "encoding", "utf-8")
 
 
 def plan_runs(grid: Grid, sweep_dir: str, time_budget: Optional[float] = None,
@@ -205,6 +268,24 @@ def plan_runs(grid: Grid, sweep_dir: str, time_budget: Optional[float] = None,
                 argv = ["--resume", run_dir] + ([] if rounds is None else ["--rounds", str(rounds)])
             runs.append(PlannedRun(name, cell.name, seed, argv, state, note))
     return runs
+
+
+def final_samples_clash(runs: Sequence[PlannedRun], sweep_dir: str, expected: int) -> Optional[str]:
+    """One line when a run already started with another --final-samples than the grid's (the
+    grid was edited between invocations; a resumed run keeps its own), else None: the robust
+    numbers of one table must rest on the same test images."""
+    for r in runs:
+        if r.state == "new":
+            continue
+        try:
+            with open(os.path.join(sweep_dir, r.name, "summary.json")) as f:
+                n = (json.load(f).get("config") or {}).get("final_samples")
+        except (OSError, ValueError):
+            continue
+        if n is not None and n != expected:
+            return (f"run {r.name} was started with final-samples {n}, the grid now says {expected}: all the runs "
+                    f"of a sweep use one; set final-samples: {n} again, or start a new sweep with --name")
+    return None
 
 
 def sweep_record(grid_path: str, grid: Grid, runs: List[PlannedRun]) -> dict:
@@ -250,7 +331,10 @@ def format_seconds(seconds: Optional[float]) -> str:
 def sweep_trial(config: dict, runs: Dict[str, dict]) -> dict:
     """One Tune trial: the CLI's own path (parse_config, then train.run), with Tune's report
     callback added to the run's Train callbacks. Never raises: the run's status is in its
-    summary.json, and a failed run is a row of the table, not a lost trial."""
+    summary.json (record_failure writes it when the run could not), and a failed run is a
+    row of the table, not a lost trial."""
+    import contextlib
+
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .train import run
@@ -258,15 +342,27 @@ def sweep_trial(config: dict, runs: Dict[str, dict]) -> dict:
     config = runs[config["name"]]
     run_dir = config["run_dir"]
     os.chdir(config["cwd"])  # Tune starts a trial in its own directory: relative paths mean the user's
+    cfg = None
+    errors = ErrorLine(sys.stderr)
     try:
         cfg = parse_config(config["argv"])
-        summary = run(cfg, callbacks=[TuneReportCallback()])
+        with contextlib.redirect_stderr(errors):
+            summary = run(cfg, callbacks=[TuneReportCallback()])
         return {"status": summary.get("status", "finished"), "run": config["name"]}
     except ConfigError as e:
+        record_failure(run_dir, str(e))
         return {"status": "failed", "run": config["name"], "error": str(e)}
-    except SystemExit:  # train.fail(): the run wrote its status and error into summary.json
+    except SystemExit as e:  # train.fail(): after its summary, the run wrote its status and error there
+        if e.code != 130 and run_state(run_dir)[0] not in DONE_STATUSES:  # 130: interrupted, resumable
+            record_failure(run_dir, errors.last or f"the run stopped with exit code {e.code}",
+                           cfg.to_dict() if cfg else None)
         status, note = run_state(run_dir)
         return {"status": status, "run": config["name"], "error": note}
+    except Exception as e:  # noqa: BLE001 - an unexpected error fails this run, not the sweep
+        error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
+        if run_state(run_dir)[0] not in DONE_STATUSES:
+            record_failure(run_dir, error, cfg.to_dict() if cfg else None)
+        return {"status": "failed", "run": config["name"], "error": error}
 
 
 def make_progress_callback(total: int, done_before: int, concurrency: int):
@@ -314,6 +410,7 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
     if not todo:
         print(f"ray_fedat.sweep: all {len(runs)} runs are done already")
         write_and_print_table(sweep_dir)
+        fail_if_any_failed(sweep_dir, runs)
         return
     for r in todo:
         run_dir = os.path.join(sweep_dir, r.name)
@@ -360,6 +457,27 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
     left = [r.name for r in todo if run_state(os.path.join(sweep_dir, r.name))[0] not in DONE_STATUSES]
     if left:  # Ctrl-C (Tune stops its trials), or a trial lost with its node
         fail(f"{len(left)} run(s) not finished ({', '.join(left)}); the same command resumes them", code=130)
+    fail_if_any_failed(sweep_dir, runs)
+
+
+def failed_runs_line(failed: Sequence[Tuple[str, str]], total: int) -> Optional[str]:
+    """One line naming the failed runs (name, error) and the first one's error; None when none failed."""
+    if not failed:
+        return None
+    name, error = failed[0]
+    return (f"{len(failed)} of {total} run(s) failed ({', '.join(n for n, _ in failed)}); {name}: {error}; "
+            "the table shows them, --retry-failed runs them again")
+
+
+def fail_if_any_failed(sweep_dir: str, runs: Sequence[PlannedRun]) -> None:
+    """Exit 1 with one line when a run of the sweep failed: the table is written, but the sweep
+    did not produce every number it was asked for."""
+    from .train import fail
+
+    states = [(r.name, run_state(os.path.join(sweep_dir, r.name))) for r in runs]
+    line = failed_runs_line([(name, note) for name, (state, note) in states if state == "failed"], len(runs))
+    if line:
+        fail(line, code=1)
 
 
 def write_and_print_table(sweep_dir: str) -> None:
@@ -420,6 +538,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 parse_config(r.argv)
             except ConfigError as e:
                 raise ConfigError(f"run {r.name}: {e}") from None
+        grid_cfg = parse_config(run_argv(grid, grid.cells[0], grid.seeds[0], sweep_dir, args.time_budget, args.rounds))
+        clash = final_samples_clash(runs, sweep_dir, grid_cfg.final_samples)
+        if clash:
+            raise ConfigError(clash)
         if args.dry_run:
             print_plan(grid, runs, sweep_dir)
             return

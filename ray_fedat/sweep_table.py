@@ -1,7 +1,9 @@
 """A sweep's table: one row per cell, mean ± std over its seeds (table.md, table.csv, table.png).
 
 Only finished runs are averaged; a cell whose run failed, diverged (NaN), was cut short or
-never ran says so in its status column and in n, so a failure is never averaged away.
+never ran says so in its status column and in n, so a failure is never averaged away; a
+number that averages fewer of them (an older run without a final attack) shows its own n.
+Every robust column says on how many test images it was scored.
 summary.json is read defensively: a key it lacks (an older run, no final attack) is a blank.
 """
 from __future__ import annotations
@@ -78,13 +80,22 @@ def cell_row(cell: dict, summaries: Dict[str, Optional[dict]]) -> dict:
     rounds = sorted({v["rounds"] for v in values if v["rounds"] is not None})
     row["rounds"] = "-".join(map(str, [rounds[0], rounds[-1]] if len(rounds) > 1 else rounds))
     row["wall_s"] = mean_std([v["wall_s"] for v in values])["mean"]
-    attacks = sorted({dig(s, "final_attack", "attack") for s in finished} - {None})
+    attacks = sorted({with_images(dig(s, "final_attack", "attack"), dig(s, "final_attack", "images"))
+                      for s in finished if dig(s, "final_attack", "models", "final", "robust_acc") is not None})
     row["final_attack"] = ", ".join(attacks)
-    yardsticks = sorted({f"PGD-{dig(s, 'config', 'eval_steps')}" for s in finished if dig(s, "config", "eval_steps")})
+    yardsticks = sorted({with_images(f"PGD-{dig(s, 'config', 'eval_steps')}", dig(s, "final", "eval_images"))
+                         for s in finished if dig(s, "config", "eval_steps")})
     row["yardstick"] = ", ".join(yardsticks)
+    row["labels"] = {"final_attack": attacks, "yardstick": yardsticks}  # the column names (a name may hold a comma)
     problems = [f"{name.rsplit('_', 1)[-1]} {o}" for name, o in outcomes.items() if o != "finished"]
     row["status"] = "; ".join(problems) if problems else "ok"
     return row
+
+
+def with_images(name: Optional[str], images: Optional[int]) -> Optional[str]:
+    """`APGD-CE + APGD-T (1000 img)`: an attack and the number of test images it scored
+    (the name alone when the summary predates the count)."""
+    return f"{name} ({images} img)" if name and images else name
 
 
 def sweep_rows(sweep_dir: str) -> List[dict]:
@@ -100,16 +111,21 @@ def sweep_rows(sweep_dir: str) -> List[dict]:
     return rows
 
 
-def pct(stat: Dict[str, Optional[float]]) -> str:
-    """`97.1 ± 0.4` (percent); one run: `97.1`; none: blank."""
+def pct(stat: Dict[str, Optional[float]], finished: Optional[int] = None) -> str:
+    """`97.1 ± 0.4` (percent); one run: `97.1`; none: blank; `61.5 ± 4.9 (n=2)` when it
+    averages fewer runs than the cell's `finished` ones."""
     if stat["mean"] is None:
         return ""
-    return f"{100 * stat['mean']:.1f}" + ("" if stat["std"] is None else f" ± {100 * stat['std']:.1f}")
+    text = f"{100 * stat['mean']:.1f}" + ("" if stat["std"] is None else f" ± {100 * stat['std']:.1f}")
+    return text + (f" (n={stat['n']})" if finished is not None and stat["n"] < finished else "")
 
 
 def column_names(rows: List[dict]) -> Dict[str, str]:
-    yardstick = ", ".join(sorted({r["yardstick"] for r in rows if r["yardstick"]})) or "PGD"
-    attack = ", ".join(sorted({r["final_attack"] for r in rows if r["final_attack"]})) or "final attack"
+    def names(key: str) -> str:
+        return ", ".join(sorted({label for r in rows for label in r["labels"][key]}))
+
+    yardstick = names("yardstick") or "PGD"
+    attack = names("final_attack") or "final attack"
     return {"natural": "natural %", "yardstick_robust": f"robust {yardstick} %",
             "final_attack_robust": f"robust {attack} %", "worst_client_robust": f"worst client robust {yardstick} %"}
 
@@ -119,12 +135,12 @@ def format_markdown(rows: List[dict]) -> str:
     header = ["cell", "n", *[names[m] for m in METRICS], "rounds", "wall (s)", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
-        cells = [r["cell"], f"{r['n']}/{r['runs']}", *[pct(r[m]) for m in METRICS], r["rounds"],
+        cells = [r["cell"], f"{r['n']}/{r['runs']}", *[pct(r[m], r["n"]) for m in METRICS], r["rounds"],
                  "" if r["wall_s"] is None else f"{r['wall_s']:.0f}", r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nmean ± sample std over the cell's finished runs (n of its runs); accuracy on the " \
-        "test set at the last round; worst client: the final model's robust accuracy on the client whose own label " \
-        "mix is hardest.\n"
+    return "\n".join(lines) + "\n\nmean ± sample std over the cell's finished runs (n of its runs; (n=k): a number " \
+        "from k of them only); accuracy on the test set at the last round, on (N img) test images; worst client: " \
+        "the final model's robust accuracy on the client whose own label mix is hardest.\n"
 
 
 def format_csv(rows: List[dict]) -> str:
@@ -133,13 +149,13 @@ def format_csv(rows: List[dict]) -> str:
     writer = csv.writer(out)
     header = ["cell", *keys, "runs", "n"]
     for m in METRICS:
-        header += [f"{m}_mean", f"{m}_std"]
+        header += [f"{m}_mean", f"{m}_std", f"{m}_n"]
     writer.writerow(header + ["yardstick", "final_attack", "rounds", "wall_s_mean", "status"])
     for r in rows:
         line = [r["cell"], *[r["values"].get(k, "") for k in keys], r["runs"], r["n"]]
         for m in METRICS:
             line += ["" if r[m]["mean"] is None else f"{r[m]['mean']:.4f}",
-                     "" if r[m]["std"] is None else f"{r[m]['std']:.4f}"]
+                     "" if r[m]["std"] is None else f"{r[m]['std']:.4f}", r[m]["n"]]
         writer.writerow(line + [r["yardstick"], r["final_attack"], r["rounds"],
                                 "" if r["wall_s"] is None else f"{r['wall_s']:.1f}", r["status"]])
     return out.getvalue()

@@ -302,7 +302,8 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
                   launched: Optional[float] = None, storage: Optional[str] = None,
                   run_name: Optional[str] = None, val_images: int = 0, final_attack: Optional[dict] = None) -> dict:
     """summary.json: written when the run starts (so an interrupted run can be resumed)
-    and again when it ends."""
+    and again when it ends. `status`: running, attacking (the rounds are done, the final
+    attack is under way), then finished (only after the final attack), failed or interrupted."""
     from .byzantine import byzantine_clients
     from .federation import assign_clients
     from .recorder import WORKERS_FILE, atomic_write_text, best_rounds, read_metrics
@@ -388,15 +389,16 @@ def client_robustness(record: Optional[dict], counts) -> Optional[dict]:
 
 
 def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[str], records: List[dict],
-                     use_gpu: bool, seconds: Optional[float]) -> Optional[dict]:
+                     use_gpu: bool) -> Optional[dict]:
     """--final-attack on final_model.pt and best_robust.pt (once when they are the same round),
     split over one Ray task per worker, each with a worker's resources, the way per-round
-    evaluation is split. `seconds`: the time the default --final-samples may take. Never fails
-    the run: a problem is reported in the result."""
+    evaluation is split, on --final-samples fixed class-stratified test images
+    (final_eval.stratified_subset). Never fails the run: a problem is reported in the result."""
     import ray
 
     from .checkpoints import load_model_file
-    from .final_eval import ATTACK_NAMES, attack_shard, combine_shards, weak_yardstick_warning
+    from .final_eval import (ATTACK_NAMES, attack_shard, combine_shards, images_digest, stratified_subset,
+                             weak_yardstick_warning, yardstick_name)
     from .recorder import BEST_FILES
 
     files = {"final": final_model, "best_robust": BEST_FILES["robust"]}
@@ -410,9 +412,11 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
     if same_model:
         del loaded["best_robust"]  # attack it once
     states = {name: state for name, (state, _) in loaded.items()}
-    samples, how = final_samples(cfg, records, len(data.y_test), len(states), seconds)
-    x, y = data.x_test[:samples], data.y_test[:samples]
-    yardstick = f"PGD-{cfg.eval_steps}"
+    chosen = stratified_subset(data.y_test, cfg.final_samples)
+    samples = len(chosen)
+    how = "all" if samples == len(data.y_test) else "a fixed class-stratified subset, the same for every run"
+    x, y = data.x_test[chosen], data.y_test[chosen]
+    yardstick = yardstick_name(cfg.eval_steps)
     print(f"ray_fedat: final attack: {ATTACK_NAMES[cfg.final_attack]} on {' and '.join(states)} model, "
           f"{samples} of {len(data.y_test)} test images ({how}), split over {cfg.workers} worker(s)", flush=True)
     # An explicit scheduling strategy (SPREAD: the shards go to different nodes where they can)
@@ -435,9 +439,43 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
         results["best_robust"] = results["final"]
     return {"attack": ATTACK_NAMES[cfg.final_attack], "name": cfg.final_attack, "yardstick": yardstick,
             "images": samples, "test_images": len(data.y_test), "workers": cfg.workers, "samples_chosen": how,
+            "images_digest": images_digest(chosen),
             "epsilon": cfg.epsilon,
             "rounds": {"final": final_round, "best_robust": best_round}, "models": results,
             "seconds": time.time() - started, "warning": weak_yardstick_warning(results, cfg.final_attack, yardstick)}
+
+
+def attempt_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[str], records: List[dict],
+                         use_gpu: bool) -> dict:
+    """run_final_attack's result, or {"attack", "error"} when it could not attack: it raised, or
+    found no model to attack. A final attack that did not run leaves the run without its
+    headline number, so the run fails with the reason (run() decides)."""
+    from .final_eval import ATTACK_NAMES
+
+    name = ATTACK_NAMES[cfg.final_attack]
+    try:
+        result = run_final_attack(cfg, run_dir, data, final_model, records, use_gpu)
+    except Exception as e:  # noqa: BLE001 - one line in the summary, the models are kept
+        return {"attack": name, "error": root_cause(e)}
+    if result is None:
+        return {"attack": name, "error": "no model to attack (neither final_model.pt nor best_robust.pt was written)"}
+    if not result.get("error"):
+        result["attack"] = noted_attack_name(result["attack"], cfg.final_attack, data.num_classes)
+    return result
+
+
+def noted_attack_name(name: str, attack: str, num_classes: int) -> str:
+    """The final attack's name, saying so when APGD-T ran on the targeted cross-entropy loss
+    (final_eval.autoattack: the targeted DLR loss needs at least 4 classes)."""
+    if attack in ("apgd", "autoattack") and num_classes < 4:
+        return f"{name} (APGD-T CE-targeted, fewer than 4 classes)"
+    return name
+
+
+def final_attack_error(final_attack: dict) -> str:
+    """The one-line reason a run failed in its final attack."""
+    first_line = (str(final_attack["error"]).strip().splitlines() or [""])[0]
+    return f"final attack {final_attack['attack']} failed: {first_line}"
 
 
 def training_share(cfg: RunConfig) -> float:
@@ -445,16 +483,6 @@ def training_share(cfg: RunConfig) -> float:
     from .final_eval import FINAL_ATTACK_SHARE
 
     return 1.0 if cfg.final_attack == "none" else 1.0 - FINAL_ATTACK_SHARE
-
-
-def final_attack_seconds(cfg: RunConfig, launched: float) -> float:
-    """The time the final attack may take: what is left of a --time-budget (less a few
-    seconds to write the results and stop Ray), else FINAL_ATTACK_SHARE of the whole run."""
-    from .final_eval import FINAL_ATTACK_SHARE
-
-    if cfg.time_budget:
-        return max(0.0, launched + cfg.time_budget - time.time() - 3.0)
-    return FINAL_ATTACK_SHARE / (1 - FINAL_ATTACK_SHARE) * (time.time() - launched)
 
 
 def record_final_attack(run_dir: str, final_attack: dict) -> None:
@@ -480,24 +508,6 @@ def record_final_attack(run_dir: str, final_attack: dict) -> None:
                                 f"eps {final_attack['epsilon']:.4g}", last["round"])
     except Exception as e:  # noqa: BLE001 - a viewer's file, never worth the results
         print(f"ray_fedat: could not write the final attack to TensorBoard: {e}")
-
-
-def final_samples(cfg: RunConfig, records: List[dict], test_images: int, models: int,
-                  seconds: Optional[float]) -> tuple:
-    """(images to attack, how they were chosen): --final-samples, else as many as the attack can
-    take in `seconds` at the pace of the last evaluation (final_eval.default_samples)."""
-    from .final_eval import default_samples, pass_seconds
-
-    if cfg.final_samples:
-        return min(cfg.final_samples, test_images), "--final-samples"
-    evaluated = [r for r in records if r.get("eval_s") and r.get("natural_acc") is not None]
-    pace = pass_seconds(evaluated[-1], cfg.workers, cfg.eval_steps) if evaluated else None
-    if pace is None or seconds is None:
-        return test_images, "all"
-    last = evaluated[-1]
-    n = default_samples(test_images, seconds, cfg.workers, pace, last["natural_acc"], last["robust_acc"],
-                        cfg.final_attack, models, cfg.eval_steps)
-    return n, "all" if n == test_images else f"as many as fit in ~{seconds:.0f} s; --final-samples N to choose"
 
 
 def describe_data(cfg: RunConfig):
@@ -576,7 +586,7 @@ def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         storage, selectors, storage_note = plan_storage_and_nodes(cfg, name, use_gpu)
         print(f"ray_fedat: {cfg.method} eps={cfg.epsilon:.4g} step={cfg.step_size:.4g} attack={cfg.attack_steps} "
-              f"eval=PGD-{cfg.eval_steps} step={cfg.eval_step_size:.4g}, model {cfg.model}, "
+              f"eval=PGD-{cfg.eval_steps} (CE, then margin) step={cfg.eval_step_size:.4g}, model {cfg.model}, "
               f"{f'time budget {cfg.time_budget:g} s' if cfg.time_budget else f'{cfg.rounds} rounds'}; {where}, {placement}, "
               f"{'GPU/nccl' if use_gpu else 'CPU/gloo'}")
         print(f"ray_fedat: results in {run_dir}; {storage_note}")
@@ -621,10 +631,13 @@ def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
         wall_s = time.time() - started
         final_attack = None
         if cfg.final_attack != "none" and status == "finished":
-            summarise(status, wall_s=wall_s, final_model=final_model)  # kept if the attack is cut short
-            final_attack = run_final_attack(cfg, run_dir, data, final_model, records, use_gpu,
-                                            final_attack_seconds(cfg, launched))
-            if final_attack and not final_attack.get("error"):
+            # Not finished yet: a run stopped during its final attack is resumed (the sweep does
+            # it too), and resuming a run whose rounds are all done runs the final attack again.
+            summarise("attacking", wall_s=wall_s, final_model=final_model)
+            final_attack = attempt_final_attack(cfg, run_dir, data, final_model, records, use_gpu)
+            if final_attack.get("error"):
+                status, error = "failed", final_attack_error(final_attack)
+            else:
                 record_final_attack(run_dir, final_attack)
         summary = summarise(status, wall_s=wall_s, final_model=final_model, error=error, final_attack=final_attack)
     finally:
@@ -633,6 +646,9 @@ def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
     if status == "interrupted":
         fail(f"interrupted after round {summary['rounds_completed']}; what was written is kept in {run_dir} "
              f"(continue with --resume {run_dir})", code=130)
+    if error and final_attack and final_attack.get("error"):
+        fail(f"{error} (the trained models are kept in {run_dir}; --resume {run_dir} runs the final attack again)",
+             code=1)
     if error:
         fail(f"training failed: {error} (what was written is in {run_dir})", code=1)
     print_summary(summary, run_dir)
@@ -657,26 +673,33 @@ def root_cause(exc: BaseException) -> str:
 
 
 def print_summary(summary: dict, run_dir: str) -> None:
+    from .final_eval import yardstick_name
+    from .report import check_lines
+
     final, best = summary["final"], summary["best"]
     print(f"ray_fedat: done, {summary['rounds_completed']} rounds in {summary['wall_s']:.1f} s")
     if summary.get("headline"):
         print(f"  final model: {summary['headline']['text']}")
+    test_images = images_note((final or {}).get("eval_images"))
     if final:
-        yardstick = f"PGD-{summary['config']['eval_steps']} yardstick"
+        yardstick = f"{yardstick_name(summary['config']['eval_steps'])} yardstick"
         print(f"  final:  natural {100 * final['natural_acc']:.1f}%  robust {100 * final['robust_acc']:.1f}% "
-              f"({yardstick}, test)")
+              f"({yardstick}, test{test_images})")
     for kind in ("natural", "robust"):
         if best[kind]:
             chosen = best[kind]["chosen_on"]
-            on_val = f", validation {100 * best[kind]['val_' + kind + '_acc']:.1f}%" if chosen == "validation" else ""
+            val_images = images_note((final or {}).get("val_images"))
+            on_val = (f", validation {100 * best[kind]['val_' + kind + '_acc']:.1f}%{val_images}"
+                      if chosen == "validation" else "")
             test = best[kind][kind + "_acc"]
-            test = "test not scored that round" if test is None else f"test {100 * test:.1f}%"
+            test = "test not scored that round" if test is None else f"test {100 * test:.1f}%{test_images}"
             print(f"  best {kind}: {test}{on_val} at round {best[kind]['round']}, "
                   f"chosen on {chosen} -> {os.path.join(run_dir, best[kind]['file'])}")
     clients = summary.get("client_robustness")
     if clients and clients["robust"]["worst"] is not None:
         rob = clients["robust"]
-        print(f"  clients (test, own label mix): worst robust {100 * rob['worst']:.1f}% (client {rob['worst_client']}), "
+        print(f"  clients (test{test_images}, own label mix): worst robust {100 * rob['worst']:.1f}% "
+              f"(client {rob['worst_client']}), "
               f"bottom {rob['bottom_clients']} mean {100 * rob['bottom_mean']:.1f}%")
     attack = summary.get("final_attack")
     if attack and attack.get("error"):
@@ -687,7 +710,14 @@ def print_summary(summary: dict, run_dir: str) -> None:
                   f"{100 * r['yardstick_acc']:.1f}% (natural {100 * r['natural_acc']:.1f}%, {attack['images']} images)")
         if attack["warning"]:
             print(f"  {attack['warning']}")
+        for line in check_lines(attack):
+            print(f"  {line}")
     print(f"  outputs: {run_dir}/{{metrics.jsonl,summary.json,final_model.pt}}")
+
+
+def images_note(images: Optional[int]) -> str:
+    """`, 360 images` beside a robust number (blank when the record predates the count)."""
+    return f", {images} images" if images else ""
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

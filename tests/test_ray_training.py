@@ -221,3 +221,46 @@ def test_npz_on_nodes_real_mnist_two_workers(tmp_path, ray_session, mnist_npz):
     assert summary["config"]["dataset"] == "npz" and sum(c["size"] for c in summary["clients"]) == 8000 - 800  # 10% validation
     assert records[-1]["eval_images"] == 400 and records[-1]["val_images"] == 400  # each node split alike
     assert 0.4 < records[-1]["natural_acc"] and records[-1]["robust_acc"] <= records[-1]["natural_acc"]
+
+
+@pytest.mark.slow
+def test_a_failed_final_attack_fails_the_run_and_resume_runs_only_the_attack(tmp_path, ray_session, monkeypatch,
+                                                                             capsys):
+    """The run is `attacking` (not finished) while its final attack runs; a final attack that
+    fails fails the run (exit 1, status failed, the reason in one line); --resume of that run,
+    whose rounds are all done, trains nothing and runs the final attack again."""
+    import ray_fedat.train as train_module
+
+    seen = []
+
+    def lost(cfg, run_dir, *args):  # what run_final_attack returns when a task of it raised
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            seen.append(json.load(f)["status"])
+        return {"attack": "PGD-100", "error": "RayTaskError(OSError): the attack's node was lost"}
+
+    monkeypatch.setattr(train_module, "run_final_attack", lost)
+    flags = ["--dataset", "digits", "--storage-path", str(tmp_path), "--name", "r", "--rounds", "2",
+             "--final-attack", "pgd-100", "--final-samples", "50"]
+    with pytest.raises(SystemExit) as e:
+        run(parse_config(flags))
+    run_dir = os.path.join(str(tmp_path), "r")
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ray_fedat: error:")]
+    assert e.value.code == 1 and seen == ["attacking"]
+    assert errors == [f"ray_fedat: error: final attack PGD-100 failed: RayTaskError(OSError): the attack's node was "
+                      f"lost (the trained models are kept in {run_dir}; --resume {run_dir} runs the final attack "
+                      "again)"]
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 2 and summary["headline"] is None
+    assert summary["error"] == "final attack PGD-100 failed: RayTaskError(OSError): the attack's node was lost"
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        trained = [json.loads(line) for line in f]
+
+    monkeypatch.undo()
+    summary = run(parse_config(["--resume", run_dir]))
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        after = [json.loads(line) for line in f]
+    assert summary["status"] == "finished" and summary["error"] is None
+    assert summary["headline"]["attack"] == "PGD-100" and summary["headline"]["images"] == 50
+    assert [r["started_at"] for r in after] == [r["started_at"] for r in trained]  # no round trained again
+    assert after[-1]["final_attack"]["images"] == 50

@@ -11,8 +11,9 @@ import time
 import pytest
 
 from ray_fedat.config import ConfigError, parse_config
-from ray_fedat.sweep import (concurrent_runs, eta_seconds, expand_grid, flags_to_argv, plan_runs, read_grid_file,
-                             run_state, sweep_record)
+from ray_fedat.sweep import (ErrorLine, concurrent_runs, eta_seconds, expand_grid, failed_runs_line,
+                             final_samples_clash, flags_to_argv, plan_runs, read_grid_file, record_failure, run_state,
+                             sweep_record)
 from ray_fedat.sweep_table import cell_row, format_csv, format_markdown, write_table
 
 GRID = {"dataset": "digits", "workers": 1, "rounds": 2, "method": ["pgd", "trades"], "beta": [0.1, 0.5],
@@ -81,6 +82,8 @@ def test_one_value_gives_one_cell_named_base():
     ({"seed": ["a"]}, "seed must be an integer"),
     ({"storage_path": ["a", "b"]}, "storage_path cannot vary"),
     ({"epsilon": ["8/255", "8_255"]}, "same directory name"),
+    ({"final_samples": [500, 1000]}, "final_samples cannot vary within a sweep: every run's final attack must score "
+                                     "the same test images"),
 ])
 def test_bad_grids_are_named(grid, message):
     with pytest.raises(ConfigError, match=message):
@@ -110,6 +113,63 @@ def test_finished_runs_are_skipped_and_cut_short_ones_resumed(tmp_path):
     assert run_state(str(tmp_path / "trades_s0"), retry_failed=True)[0] == "resume"
 
 
+def test_a_run_killed_in_its_final_attack_is_resumed_not_finished(tmp_path):
+    """train.run writes `attacking` once the rounds are done: a run killed during its final
+    attack has no headline number yet, so the sweep resumes it (which runs the attack again)."""
+    write_summary(tmp_path / "r", status="attacking", rounds=2)
+    assert run_state(str(tmp_path / "r")) == ("resume", "attacking after round 2")
+
+
+def test_a_run_that_failed_before_its_summary_is_recorded_failed(tmp_path):
+    """A run that stopped before train.run wrote summary.json (--device cuda without GPUs) is
+    marked failed, not left new to fail again at every invocation; --retry-failed starts it
+    anew. One cut short while resuming keeps its rounds and resumes on a retry."""
+    never = tmp_path / "never_s0"
+    assert run_state(str(never))[0] == "new"
+    record_failure(str(never), "--device cuda needs 1 GPUs in the cluster (one per worker), found 0",
+                   {"dataset": "digits"})
+    assert run_state(str(never)) == ("failed", "--device cuda needs 1 GPUs in the cluster (one per worker), found 0")
+    assert run_state(str(never), retry_failed=True)[0] == "new"
+    summary = json.loads((never / "summary.json").read_text())
+    assert summary["started"] is False and summary["config"] == {"dataset": "digits"}
+    cut = tmp_path / "cut_s0"
+    write_summary(cut, status="running", rounds=3)
+    record_failure(str(cut), "ValueError: bad")
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 3 and "started" not in summary
+    assert run_state(str(cut), retry_failed=True)[0] == "resume"
+
+
+def test_the_error_line_of_train_fail_is_kept_and_everything_passes_through():
+    import io
+
+    out = io.StringIO()
+    errors = ErrorLine(out)
+    print("some warning", file=errors)
+    errors.write("ray_fedat: error: --device cuda needs 2 GPUs")
+    assert errors.last is None  # the line is not complete yet
+    errors.write(" in the cluster\nmore\n")
+    assert errors.last == "--device cuda needs 2 GPUs in the cluster"
+    assert out.getvalue() == "some warning\nray_fedat: error: --device cuda needs 2 GPUs in the cluster\nmore\n"
+
+
+def test_failed_runs_are_one_line_and_final_samples_must_stay_the_same(tmp_path):
+    assert failed_runs_line([], 4) is None
+    line = failed_runs_line([("pgd_s0", "no GPUs"), ("pgd_s1", "no GPUs")], 4)
+    assert line == ("2 of 4 run(s) failed (pgd_s0, pgd_s1); pgd_s0: no GPUs; the table shows them, --retry-failed "
+                    "runs them again")
+    grid = expand_grid({"dataset": "digits", "method": ["pgd", "trades"], "final_samples": 500})
+    write_summary(tmp_path / "pgd_s0")  # an older summary without final_samples: nothing to compare
+    runs = plan_runs(grid, str(tmp_path))
+    assert final_samples_clash(runs, str(tmp_path), 500) is None
+    summary = json.loads((tmp_path / "pgd_s0" / "summary.json").read_text())
+    summary["config"]["final_samples"] = 1000
+    (tmp_path / "pgd_s0" / "summary.json").write_text(json.dumps(summary))
+    clash = final_samples_clash(runs, str(tmp_path), 500)
+    assert clash.startswith("run pgd_s0 was started with final-samples 1000, the grid now says 500")
+    assert "\n" not in clash
+
+
 def test_concurrency_fits_the_largest_run_in_the_cluster():
     assert concurrent_runs({"CPU": 2.0}, [{"CPU": 1.0}]) == 2  # --workers 1 on two 1-CPU nodes
     assert concurrent_runs({"CPU": 2.0}, [{"CPU": 1.0}, {"CPU": 2.0}]) == 1  # --workers 2: one at a time
@@ -125,11 +185,13 @@ def test_eta_spreads_the_remaining_runs_over_the_concurrent_ones():
 
 
 def test_a_cell_averages_finished_runs_and_shows_the_failed_one():
+    """n per cell and, where a number averages fewer runs, per number; every robust column
+    says on how many test images it was scored."""
     cell = {"name": "pgd", "values": {"method": "pgd"}, "runs": ["pgd_s0", "pgd_s1", "pgd_s2"]}
     new_style = {"attack": "APGD-CE + APGD-T", "images": 500,
                  "models": {"final": {"natural_acc": 0.9, "yardstick_acc": 0.6, "robust_acc": 0.55},
                             "best_robust": {"natural_acc": 0.9, "yardstick_acc": 0.6, "robust_acc": 0.55}}}
-    summaries = {"pgd_s0": {"status": "finished", "final": {"natural_acc": 0.9, "robust_acc": 0.6},
+    summaries = {"pgd_s0": {"status": "finished", "final": {"natural_acc": 0.9, "robust_acc": 0.6, "eval_images": 360},
                             "final_attack": new_style, "rounds_completed": 2, "wall_s": 10.0,
                             "config": {"eval_steps": 10}},
                  "pgd_s1": {"status": "finished", "final": {"natural_acc": 0.8, "robust_acc": 0.4},
@@ -141,11 +203,11 @@ def test_a_cell_averages_finished_runs_and_shows_the_failed_one():
     assert row["final_attack_robust"] == {"mean": 0.55, "std": None, "n": 1}
     assert row["worst_client_robust"]["mean"] is None and row["rounds"] == "2" and row["wall_s"] == 15.0
     md = format_markdown([row])
-    assert "| pgd | 2/3 | 85.0 ± 7.1 | 50.0 ± 14.1 | 55.0 |  | 2 | 15 | s2 diverged |" in md
-    assert "robust APGD-CE + APGD-T %" in md and "robust PGD-10 %" in md
+    assert "| pgd | 2/3 | 85.0 ± 7.1 | 50.0 ± 14.1 | 55.0 (n=1) |  | 2 | 15 | s2 diverged |" in md
+    assert "| robust PGD-10 (360 img) % | robust APGD-CE + APGD-T (500 img) % |" in md
     csv_lines = format_csv([row]).splitlines()
-    assert csv_lines[0].startswith("cell,method,runs,n,natural_mean,natural_std")
-    assert csv_lines[1].startswith("pgd,pgd,3,2,0.8500,0.0707,0.5000,0.1414,0.5500,,,")
+    assert csv_lines[0].startswith("cell,method,runs,n,natural_mean,natural_std,natural_n,yardstick_robust_mean")
+    assert csv_lines[1].startswith("pgd,pgd,3,2,0.8500,0.0707,2,0.5000,0.1414,2,0.5500,,1,,,0,")
     nothing = cell_row({"name": "x", "runs": ["x_s0"]}, {"x_s0": None})
     assert nothing["n"] == 0 and nothing["status"] == "s0 not run" and nothing["natural"]["mean"] is None
 
@@ -234,13 +296,42 @@ def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path):
     assert [r.split(" | ")[:2] for r in rows] == [["| pgd", "2/2"], ["| trades", "2/2"]]
     assert all(r.rstrip().endswith("| ok |") for r in rows)
     header = (sweep_dir / "table.md").read_text().splitlines()[0]
-    assert "robust PGD-100 %" in header  # the final attack ran inside the trials (its task left the trial's group)
+    # The final attack ran inside the trials (its task left the trial's group), on 50 images.
+    assert "robust PGD-100 (50 img) %" in header
     assert all(r.split(" | ")[4].strip() for r in rows)
     table_csv = (sweep_dir / "table.csv").read_text().splitlines()
     assert len(table_csv) == 3 and (sweep_dir / "table.png").is_file()
     for d in ("pgd_s0", "trades_s1"):
         records = [json.loads(ln) for ln in (sweep_dir / d / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [1, 2]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_runs_that_fail_before_their_summary_are_recorded_failed_not_retried(tmp_path):
+    """--device cuda without GPUs: every run stops before train.run writes its summary. Each is
+    recorded failed with train's one-line reason, the sweep exits 1 in one line, and the same
+    command does not start them again (it used to exit 130 and "resume" them forever)."""
+    grid = tmp_path / "gpu.yaml"
+    grid.write_text(f"dataset: digits\nworkers: 1\nrounds: 1\ndevice: cuda\nseed: [0, 1]\nstorage-path: {tmp_path}\n")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    first = subprocess.run(sweep_command(grid), capture_output=True, text=True, timeout=900, env=env)
+    reason = "--device cuda needs 1 GPUs in the cluster (one per worker), found 0"
+    errors = [ln for ln in first.stderr.splitlines() if ln.startswith("ray_fedat: error:")]
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    assert errors == [f"ray_fedat: error: 2 of 2 run(s) failed (base_s0, base_s1); base_s0: {reason}; the table "
+                      "shows them, --retry-failed runs them again"], first.stderr[-3000:]
+    for run in ("base_s0", "base_s1"):
+        summary = json.loads((tmp_path / "gpu" / run / "summary.json").read_text())
+        assert (summary["status"], summary["error"], summary["started"]) == ("failed", reason, False)
+        assert summary["config"]["device"] == "cuda"
+    assert "| base | 0/2 |" in (tmp_path / "gpu" / "table.md").read_text()
+    again = subprocess.run(sweep_command(grid), capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 1 and "all 2 runs are done already" in again.stdout, again.stderr[-3000:]
+    assert "started base" not in again.stdout
+    retry = subprocess.run(sweep_command(grid) + ["--dry-run", "--retry-failed"], capture_output=True, text=True,
+                           timeout=300, env=env)
+    assert "run base_s0: new (failed before it started: " in retry.stdout  # a retry starts it with the grid's flags
 
 
 @pytest.mark.ray

@@ -197,3 +197,61 @@ def test_rounds_run_again_after_a_resume_are_printed(tmp_path, capsys):
     assert [ln.split()[1] for ln in lines] == ["2/4", "3/4", "4/4"]
     print_new_rounds(str(tmp_path), printed, 4, 0.0, 3)
     assert capsys.readouterr().out == ""  # each once
+
+
+def fake_run(run_dir, checks):
+    """A run directory as train.run leaves it: two rounds on 360 test images, a final attack
+    on 100 images whose AutoAttack checks warned `checks`."""
+    os.makedirs(run_dir, exist_ok=True)
+    record = {"natural_acc": 0.9, "robust_acc": 0.6, "eval_images": 360, "train_loss": 0.5, "round_s": 1.0}
+    records = [{**record, "round": 1}, {**record, "round": 2, "robust_acc": 0.62}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    model = {"natural_acc": 0.9, "yardstick_acc": 0.62, "robust_acc": 0.55, "images": 100, "checks": checks}
+    final_attack = {"attack": "APGD-CE + APGD-T", "yardstick": "PGD-10 CE+margin", "images": 100, "epsilon": 0.1,
+                    "models": {"final": model, "best_robust": {**model, "checks": checks[:1]}}, "warning": None}
+    summary = {"status": "finished", "error": None, "rounds_completed": 2, "wall_s": 3.0, "final": records[-1],
+               "best": {"natural": None, "robust": {"round": 2, "robust_acc": 0.62, "natural_acc": 0.9,
+                                                    "chosen_on": "test", "file": "best_robust.pt"}},
+               "client_robustness": {"robust": {"worst": 0.5, "worst_client": 1, "bottom_clients": 1,
+                                                "bottom_mean": 0.5}},
+               "config": {"eval_steps": 10, "dataset": "digits", "method": "pgd", "partition": "iid", "clients": 2},
+               "final_attack": final_attack,
+               "headline": {"text": "robust 55.0% under APGD-CE + APGD-T (eps 0.1, 100 test images), natural 90.0%"}}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return summary
+
+
+def test_every_robust_number_says_its_images_and_autoattack_checks_are_printed(tmp_path, capsys):
+    """The end of a run and `ray_fedat.report`: each robust number with the test images behind
+    it, and AutoAttack's check warnings (they say the number may overstate) once each."""
+    from ray_fedat.report import format_table, summarize
+    from ray_fedat.train import print_summary
+
+    checks = ["there are 3 points with zero gradient!", "it seems to be a randomized defense!"]
+    summary = fake_run(tmp_path / "a", checks)
+    print_summary(summary, str(tmp_path / "a"))
+    out = capsys.readouterr().out
+    numbers = [ln for ln in out.splitlines() if "%" in ln]  # every line with a robust number
+    assert len(numbers) == 6 and all(" images" in ln for ln in numbers), out
+    assert "robust 62.0% (PGD-10 CE+margin yardstick, test, 360 images)" in out
+    assert "best robust: test 62.0%, 360 images at round 2" in out
+    assert "clients (test, 360 images, own label mix)" in out
+    assert "  AutoAttack check (final, best_robust): there are 3 points with zero gradient!" in out
+    assert "  AutoAttack check (final): it seems to be a randomized defense!" in out
+    table = format_table([summarize(str(tmp_path / "a"))])
+    row = table.splitlines()[2]
+    assert "62.0% (360 img)" in row and "50.0% (360 img)" in row and "55.0% APGD-CE + APGD-T, 100 images" in row
+    assert table.splitlines()[3:] == [
+        "a: AutoAttack check (final, best_robust): there are 3 points with zero gradient!",
+        "a: AutoAttack check (final): it seems to be a randomized defense!"]
+
+
+def test_the_final_attack_name_says_when_apgd_t_ran_on_cross_entropy():
+    from ray_fedat.train import final_attack_error, noted_attack_name
+
+    assert noted_attack_name("APGD-CE + APGD-T", "apgd", 10) == "APGD-CE + APGD-T"
+    assert noted_attack_name("APGD-CE + APGD-T", "apgd", 3) == \
+        "APGD-CE + APGD-T (APGD-T CE-targeted, fewer than 4 classes)"
+    assert noted_attack_name("PGD-100", "pgd-100", 2) == "PGD-100"  # no APGD-T in it
+    assert final_attack_error({"attack": "PGD-100", "error": "RayTaskError: node lost\nTraceback ..."}) == \
+        "final attack PGD-100 failed: RayTaskError: node lost"
