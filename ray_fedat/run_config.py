@@ -249,6 +249,21 @@ class RunConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def recipe_rounds_warning(cfg: "RunConfig", planned_rounds: int) -> Optional[str]:
+    """One line when a run of the dataset's default recipe is planned for fewer rounds than
+    that recipe needs before its robustness is real (DatasetDefaults.unmasked_after_rounds),
+    else None. Only the default recipe's number is known: a changed recipe gets no warning."""
+    d = DATASET_DEFAULTS.get(cfg.preset or cfg.dataset)
+    if d is None or not d.unmasked_after_rounds or planned_rounds >= d.unmasked_after_rounds:
+        return None
+    recipe = (cfg.method, cfg.attack_steps, cfg.step_size, cfg.attack_start, cfg.lr, cfg.batch_size, cfg.epsilon)
+    if recipe != ("calfat", d.attack_steps, d.step_size, d.attack_start, d.lr, d.batch_size, d.epsilon):
+        return None
+    return (f"warning: {planned_rounds} rounds are fewer than the {d.unmasked_after_rounds} the default "
+            f"{cfg.preset or cfg.dataset} recipe needs before its robustness is real (measured: a shorter run masks "
+            "gradients, and the final attack finds it far below the yardstick); give it more rounds or time")
+
+
 def eval_batch_size_for(requested: Optional[int], on_gpu: bool) -> int:
     """The evaluation batch size: what the user asked, else 256 on a GPU (large batches keep
     it busy) and 64 on a CPU. Evaluation hands out whole batches to the workers (batch b to

@@ -18,7 +18,8 @@ import numpy as np
 
 from .config import parse_config
 from .errors import ConfigError
-from .run_config import RunConfig, eval_batch_size_for
+from .defaults import DATASET_DEFAULTS
+from .run_config import RunConfig, eval_batch_size_for, recipe_rounds_warning
 from .monitoring import enable_state_tracking, job_config, submission_id, watch_info, watch_lines
 
 # Ray Train's report() waits for the controller's next poll of the workers, which happens
@@ -226,10 +227,12 @@ def shown_rounds(run_dir: str) -> dict:
     return {r["round"]: r.get("started_at") for r in read_metrics(run_dir)}
 
 
-def print_new_rounds(run_dir: str, printed: dict, total_rounds: int, started: float, rounds_before: int) -> dict:
+def print_new_rounds(run_dir: str, printed: dict, total_rounds: int, started: float, rounds_before: int,
+                     cfg: Optional[RunConfig] = None) -> dict:
     """Print the records of metrics.jsonl not printed yet, new rounds and rounds run again
     (after a restart or --resume, the rounds after the last checkpoint are replayed and
-    replace the old ones); returns what has now been printed."""
+    replace the old ones); returns what has now been printed. With `cfg` of a --time-budget
+    run, the first planned round also says when the plan is too short for the recipe."""
     from .recorder import read_metrics
 
     try:
@@ -240,6 +243,11 @@ def print_new_rounds(run_dir: str, printed: dict, total_rounds: int, started: fl
     for record in records:
         if record["round"] not in printed or printed[record["round"]] != record.get("started_at"):
             print(format_round(record, record.get("planned_rounds", total_rounds), started, rounds_before), flush=True)
+            planned = record.get("planned_rounds")
+            if cfg is not None and cfg.time_budget and planned and record["round"] == rounds_before + 1:
+                warning = recipe_rounds_warning(cfg, planned)
+                if warning:
+                    print(f"ray_fedat: {warning}", flush=True)
             printed[record["round"]] = record.get("started_at")
     return printed
 
@@ -249,7 +257,7 @@ CURVES_EVERY_S = 10.0
 
 
 def fit_with_progress(trainer, run_dir: str, total_rounds: int, started: float, rounds_before: int,
-                      title: str = ""):
+                      title: str = "", cfg: Optional[RunConfig] = None):
     """Run trainer.fit() in a thread while this (main) thread prints each round, redraws
     curves.png now and then, and listens for Ctrl-C. Returns (result, error, interrupted)."""
     from .recorder import draw_curves, read_metrics
@@ -269,15 +277,15 @@ def fit_with_progress(trainer, run_dir: str, total_rounds: int, started: float, 
     try:
         while thread.is_alive():
             thread.join(0.5)
-            latest = print_new_rounds(run_dir, printed, total_rounds, started, rounds_before)
+            latest = print_new_rounds(run_dir, printed, total_rounds, started, rounds_before, cfg)
             if latest != printed and time.monotonic() - drawn >= CURVES_EVERY_S:
                 draw_curves(run_dir, read_metrics(run_dir), title)
                 drawn = time.monotonic()
             printed = latest
     except KeyboardInterrupt:
-        print_new_rounds(run_dir, printed, total_rounds, started, rounds_before)
+        print_new_rounds(run_dir, printed, total_rounds, started, rounds_before, cfg)
         return None, None, True
-    print_new_rounds(run_dir, printed, total_rounds, started, rounds_before)
+    print_new_rounds(run_dir, printed, total_rounds, started, rounds_before, cfg)
     return outcome.get("result"), outcome.get("error"), False
 
 
@@ -590,6 +598,12 @@ def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
               f"{f'time budget {cfg.time_budget:g} s' if cfg.time_budget else f'{cfg.rounds} rounds'}; {where}, {placement}, "
               f"{'GPU/nccl' if use_gpu else 'CPU/gloo'}")
         print(f"ray_fedat: results in {run_dir}; {storage_note}")
+        if cfg.time_budget and DATASET_DEFAULTS[cfg.preset or cfg.dataset].unmasked_after_rounds:
+            print(f"ray_fedat: the default {cfg.preset or cfg.dataset} recipe needs "
+                  f"{DATASET_DEFAULTS[cfg.preset or cfg.dataset].unmasked_after_rounds} rounds before its robustness "
+                  "is real; the rounds this budget affords are known after round 1", flush=True)
+        elif not cfg.time_budget and recipe_rounds_warning(cfg, cfg.rounds):
+            print(f"ray_fedat: {recipe_rounds_warning(cfg, cfg.rounds)}", flush=True)
         for line in watch_lines(name, owns_ray and not (cfg.address or os.environ.get("RAY_ADDRESS"))):
             print(line)
         title = f"{name}: {cfg.method} on {cfg.dataset}, {cfg.clients} clients ({cfg.partition})"
@@ -618,7 +632,7 @@ def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
         summarise("running")
         started = time.time()
         result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started,
-                                                     len(read_metrics(run_dir)), title)
+                                                     len(read_metrics(run_dir)), title, cfg)
         status, error = "finished", None
         if interrupted:
             status, error = "interrupted", "interrupted by the user (Ctrl-C)"
