@@ -8,7 +8,7 @@ Dirichlet(0.5) label split, 2 workers, --time-budget BUDGET per method (the roun
 it, the final attack the rest and whatever more it needs), our MNIST defaults otherwise
 (eps 0.3; 10% of the training images held out for choosing the best models). While
 training, each evaluation scores 500 validation images with the PGD-20 yardstick (step
-0.0375). Every final model is then scored on the first --final-samples test images: natural
+0.0375). Every final model is then scored on --final-samples fixed class-stratified test images: natural
 accuracy, the PGD-20 yardstick and APGD-CE + APGD-T (--final-attack apgd); the worst
 client's robust accuracy on its own label mix comes from the last evaluation (PGD-20, the
 test images, summary.json's client_robustness). Takes about len(methods) x (BUDGET + the
@@ -28,9 +28,8 @@ METHODS = [
     ("TRADES", ["--method", "trades"]),
     ("MART", ["--method", "mart"]),
     ("FGSM-RS", ["--method", "fgsm-rs"]),
-    ("CalFAT (s=1)", ["--method", "calfat"]),
-    ("CalFAT (s=10, paper)", ["--method", "calfat", "--calfat-scale", "paper"]),
-    ("CalFAT (s=10, lr/10)", ["--method", "calfat", "--calfat-scale", "paper", "--lr", "0.002"]),
+    ("CalFAT (the authors' s=10, our default)", ["--method", "calfat"]),
+    ("CalFAT (s=1, the old default)", ["--method", "calfat", "--calfat-scale", "1"]),
     ("FedProx + PGD-AT", ["--method", "pgd", "--prox-mu", "0.01"]),
     ("SFAT (PGD-AT)", ["--method", "pgd", "--aggregator", "sfat"]),
 ]

@@ -7,7 +7,7 @@ Builds an 8k/2k split of the real MNIST test set (../shared/data/mnist-t10k), th
 CLI with 2 workers and --time-budget BUDGET: our MNIST defaults on 2 IID clients (run 0), on
 4 Dirichlet(0.5) clients (run 1), and the article's recipe (LeNet, CalFAT, lr 0.01 constant,
 no epsilon warm-up, 40-step attack of step 0.01, batch 128) on 2 IID clients (run 2). Each
-run ends with the default final attack, APGD-CE + APGD-T, on the first --final-samples test
+run ends with the default final attack, APGD-CE + APGD-T, on --final-samples fixed class-stratified test
 images (it runs past the budget when that many images do not fit in its 15%); the row shows
 natural accuracy, the PGD-20 yardstick (step 0.0375) and APGD-CE + APGD-T on those images.
 Takes about 3 x (BUDGET + 10 min) on this 2-core machine; `--only 3` runs our defaults with

@@ -6,7 +6,7 @@ judged by APGD-CE + APGD-T.
 The 8k/2k split of the real MNIST test set (../shared/data/mnist-t10k), our MNIST defaults,
 2 workers x 1 IID client, ROUNDS rounds, the same seed; once with --precision bf16 and once
 with --precision fp32 (only the training forwards and backwards differ: evaluation and the
-final attack always run in fp32). Each final model is scored on the first --final-samples
+final attack always run in fp32). Each final model is scored on --final-samples fixed class-stratified
 test images: natural accuracy, the PGD-20 yardstick and APGD-CE + APGD-T (the default final
 attack). Prints both rows, each run's wall time, and the bf16 - fp32 differences last
 (issue 24 wants them within 1 point). On a CPU without native bf16 the bf16 run is several

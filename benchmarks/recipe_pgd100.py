@@ -7,7 +7,7 @@ Real MNIST 8k/2k (../shared/data/mnist-t10k), 2 workers x 1 IID client, --time-b
 BUDGET, our MNIST defaults (10% of the training images held out for choosing the best
 models) with the variants below. Each run's final model is scored by --final-attack pgd-100
 (natural, PGD-20 and PGD-100 at step 0.01 on the same 2k images), then by
-`python -m ray_fedat.evaluate --attack apgd` on the first --apgd-samples test images.
+`python -m ray_fedat.evaluate --attack apgd` on --apgd-samples fixed class-stratified test images.
 Takes about len(variants) x (BUDGET + 420) seconds on this 2-core machine.
 """
 import argparse

@@ -259,9 +259,9 @@ def recipe_rounds_warning(cfg: "RunConfig", planned_rounds: int) -> Optional[str
     recipe = (cfg.method, cfg.attack_steps, cfg.step_size, cfg.attack_start, cfg.lr, cfg.batch_size, cfg.epsilon)
     if recipe != ("calfat", d.attack_steps, d.step_size, d.attack_start, d.lr, d.batch_size, d.epsilon):
         return None
-    return (f"warning: {planned_rounds} rounds are fewer than the {d.unmasked_after_rounds} the default "
-            f"{cfg.preset or cfg.dataset} recipe needs before its robustness is real (measured: a shorter run masks "
-            "gradients, and the final attack finds it far below the yardstick); give it more rounds or time")
+    return (f"warning: {planned_rounds} rounds are fewer than the {d.unmasked_after_rounds} at which the default "
+            f"{cfg.preset or cfg.dataset} recipe was measured free of gradient masking: its robust numbers may be "
+            "masked (the final attack far below the yardstick); give it more rounds or time")
 
 
 def eval_batch_size_for(requested: Optional[int], on_gpu: bool) -> int:

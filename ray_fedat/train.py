@@ -599,9 +599,9 @@ def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
               f"{'GPU/nccl' if use_gpu else 'CPU/gloo'}")
         print(f"ray_fedat: results in {run_dir}; {storage_note}")
         if cfg.time_budget and DATASET_DEFAULTS[cfg.preset or cfg.dataset].unmasked_after_rounds:
-            print(f"ray_fedat: the default {cfg.preset or cfg.dataset} recipe needs "
-                  f"{DATASET_DEFAULTS[cfg.preset or cfg.dataset].unmasked_after_rounds} rounds before its robustness "
-                  "is real; the rounds this budget affords are known after round 1", flush=True)
+            print(f"ray_fedat: the default {cfg.preset or cfg.dataset} recipe was measured free of gradient masking "
+                  f"from {DATASET_DEFAULTS[cfg.preset or cfg.dataset].unmasked_after_rounds} rounds on; the rounds "
+                  "this budget affords are known after round 1", flush=True)
         elif not cfg.time_budget and recipe_rounds_warning(cfg, cfg.rounds):
             print(f"ray_fedat: {recipe_rounds_warning(cfg, cfg.rounds)}", flush=True)
         for line in watch_lines(name, owns_ray and not (cfg.address or os.environ.get("RAY_ADDRESS"))):

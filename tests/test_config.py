@@ -10,7 +10,7 @@ def test_per_dataset_defaults_keep_the_articles_threat_model_and_evaluation():
     mnist = parse_config(["--dataset", "mnist"])
     assert (mnist.epsilon, mnist.eval_step_size, mnist.eval_steps) == (0.3, 0.0375, 20)
     # our training attack, from a uniform random start: 5 x 0.075 crosses the ball (judged by AutoAttack)
-    assert (mnist.step_size, mnist.attack_steps, mnist.attack_start, mnist.batch_size) == (0.075, 5, "uniform", 128)
+    assert (mnist.step_size, mnist.attack_steps, mnist.attack_start, mnist.batch_size) == (0.075, 5, "uniform", 64)
     assert mnist.step_size * mnist.attack_steps >= mnist.epsilon - 1e-9
     fmnist = parse_config(["--dataset", "fmnist"])
     assert (fmnist.epsilon, fmnist.eval_step_size, fmnist.eval_steps) == (0.3, 0.0375, 20)
