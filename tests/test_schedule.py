@@ -88,3 +88,25 @@ def test_final_attack_reserve_of_a_time_budget():
     with_attack = parse_config(["--dataset", "digits", "--time-budget", "100"])
     assert training_share(with_attack) == pytest.approx(0.85)
     assert training_share(parse_config(["--dataset", "digits", "--final-attack", "none"])) == 1.0
+
+
+def test_a_run_shorter_than_the_recipe_needs_is_warned(monkeypatch):
+    """With the default recipe's unmasked_after_rounds set, a run planned for fewer rounds gets
+    one line; as many rounds, another recipe, or an unmeasured recipe (0) gets none."""
+    import dataclasses
+
+    from ray_fedat import run_config
+    from ray_fedat.run_config import recipe_rounds_warning
+
+    cfg = parse_config(["--dataset", "mnist"])
+    measured = dict(run_config.DATASET_DEFAULTS)
+    measured["mnist"] = dataclasses.replace(measured["mnist"], unmasked_after_rounds=12)
+    monkeypatch.setattr(run_config, "DATASET_DEFAULTS", measured)
+    warning = recipe_rounds_warning(cfg, 11)
+    assert warning and "12" in warning and "11 rounds" in warning and "\n" not in warning
+    assert recipe_rounds_warning(cfg, 12) is None
+    assert recipe_rounds_warning(dataclasses.replace(cfg, method="trades"), 1) is None
+    assert recipe_rounds_warning(dataclasses.replace(cfg, attack_steps=7), 1) is None
+    assert recipe_rounds_warning(dataclasses.replace(cfg, dataset="npz", preset="mnist"), 1)
+    measured["mnist"] = dataclasses.replace(measured["mnist"], unmasked_after_rounds=0)
+    assert recipe_rounds_warning(cfg, 1) is None
