@@ -31,8 +31,8 @@ from common import mnist_8k_2k_npz  # noqa: E402
 from ray_fedat.data import hold_out_validation, load_npz  # noqa: E402
 from ray_fedat.aggregation import fedavg, flatten_state, unflatten_state  # noqa: E402
 from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client  # noqa: E402
-from ray_fedat.evaluation import count_correct  # noqa: E402
-from ray_fedat.final_eval import attack_counts  # noqa: E402
+from ray_fedat.round_eval import count_correct  # noqa: E402
+from ray_fedat.final_attack import attack_counts  # noqa: E402
 from ray_fedat.precision import prepare_model  # noqa: E402
 from ray_fedat.federation import generator_for  # noqa: E402
 from ray_fedat.models import build_model  # noqa: E402

@@ -18,7 +18,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_ON = ("driver", "nodes")
 ATTACK_STARTS = ("gaussian", "uniform")  # see attacks.kl_attack
 PRECISIONS = ("auto", "fp32", "bf16")  # see precision.py
-FINAL_ATTACKS = ("none", "pgd-100", "apgd", "autoattack")  # see final_eval.py
+FINAL_ATTACKS = ("none", "pgd-100", "apgd", "autoattack")  # see final_attack.py
 CALFAT_PAPER_SCALE = 10.0  # s in the CalFAT authors' code: cross_entropy(s * (z + 0.1 log n_c), y)
 
 

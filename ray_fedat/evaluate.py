@@ -2,7 +2,7 @@
 
 Natural accuracy plus a white-box attack: PGD-k (CE loss, random start), APGD-CE + APGD-T
 with AutoAttack's settings, or the standard AutoAttack (both from the AutoAttack authors' code,
-see final_eval.py). The dataset and epsilon default to the run's own settings (from the
+see final_attack.py). The dataset and epsilon default to the run's own settings (from the
 checkpoint or the summary.json beside it).
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from .checkpoints import load_model_file
 from .config import DATASET_DEFAULTS, ConfigError, RunConfig, _OneLineParser, parse_fraction
 from .data import load_dataset
-from .evaluation import count_correct
-from .final_eval import ATTACK_NAMES, attack_counts, stratified_subset, yardstick_name
+from .round_eval import count_correct
+from .final_attack import ATTACK_NAMES, attack_counts, stratified_subset, yardstick_name
 from .precision import prepare_model
 from .run_config import eval_batch_size_for
 from .models import build_model

@@ -72,7 +72,7 @@ class RunConfig:
     mart_beta: float = 6.0
     val_fraction: float = 0.1
     final_attack: str = "apgd"
-    final_samples: int = 1000  # final_eval.DEFAULT_FINAL_IMAGES: the same stratified test images for every run
+    final_samples: int = 1000  # final_attack.DEFAULT_FINAL_IMAGES: the same stratified test images for every run
     eval_every: Optional[int] = None  # None: every round, or chosen by the planner under --time-budget
     test_every: int = 5  # the test set every N-th evaluated round (and at the last); validation every one
     eval_samples: Optional[int] = None

@@ -359,7 +359,7 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
 
 def headline_numbers(final_attack: Optional[dict]) -> Optional[dict]:
     """The run's headline: the final model's accuracy under the final strong attack."""
-    from .final_eval import headline
+    from .final_attack import headline
 
     text = headline(final_attack)
     if text is None:
@@ -384,7 +384,7 @@ def client_robustness(record: Optional[dict], counts) -> Optional[dict]:
     """Each client's expected natural and robust accuracy on its own label distribution
     (the global model's per-class test accuracy weighted by the client's class histogram),
     the worst client and the mean of the bottom 20%."""
-    from .evaluation import client_expected_accuracy, worst_and_bottom
+    from .round_eval import client_expected_accuracy, worst_and_bottom
 
     if not record or not record.get("per_class"):
         return None
@@ -401,11 +401,11 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
     """--final-attack on final_model.pt and best_robust.pt (once when they are the same round),
     split over one Ray task per worker, each with a worker's resources, the way per-round
     evaluation is split, on --final-samples fixed class-stratified test images
-    (final_eval.stratified_subset). Never fails the run: a problem is reported in the result."""
+    (final_attack.stratified_subset). Never fails the run: a problem is reported in the result."""
     import ray
 
     from .checkpoints import load_model_file
-    from .final_eval import (ATTACK_NAMES, attack_shard, combine_shards, images_digest, stratified_subset,
+    from .final_attack import (ATTACK_NAMES, attack_shard, combine_shards, images_digest, stratified_subset,
                              weak_yardstick_warning, yardstick_name)
     from .recorder import BEST_FILES
 
@@ -458,7 +458,7 @@ def attempt_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Option
     """run_final_attack's result, or {"attack", "error"} when it could not attack: it raised, or
     found no model to attack. A final attack that did not run leaves the run without its
     headline number, so the run fails with the reason (run() decides)."""
-    from .final_eval import ATTACK_NAMES
+    from .final_attack import ATTACK_NAMES
 
     name = ATTACK_NAMES[cfg.final_attack]
     try:
@@ -474,7 +474,7 @@ def attempt_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Option
 
 def noted_attack_name(name: str, attack: str, num_classes: int) -> str:
     """The final attack's name, saying so when APGD-T ran on the targeted cross-entropy loss
-    (final_eval.autoattack: the targeted DLR loss needs at least 4 classes)."""
+    (final_attack.autoattack: the targeted DLR loss needs at least 4 classes)."""
     if attack in ("apgd", "autoattack") and num_classes < 4:
         return f"{name} (APGD-T CE-targeted, fewer than 4 classes)"
     return name
@@ -488,7 +488,7 @@ def final_attack_error(final_attack: dict) -> str:
 
 def training_share(cfg: RunConfig) -> float:
     """The share of a --time-budget the rounds may use: the rest is the final attack's."""
-    from .final_eval import FINAL_ATTACK_SHARE
+    from .final_attack import FINAL_ATTACK_SHARE
 
     return 1.0 if cfg.final_attack == "none" else 1.0 - FINAL_ATTACK_SHARE
 
@@ -687,7 +687,7 @@ def root_cause(exc: BaseException) -> str:
 
 
 def print_summary(summary: dict, run_dir: str) -> None:
-    from .final_eval import yardstick_name
+    from .final_attack import yardstick_name
     from .report import check_lines
 
     final, best = summary["final"], summary["best"]

@@ -31,7 +31,7 @@ from .byzantine import byzantine_clients, corrupt_update, flip_labels, trainable
 from .checkpoints import RESTORE_HEADER, pack_restore_state, read_checkpoint, save_checkpoint, unpack_restore_state
 from .client import ClientShard, LocalTrainingConfig, train_client
 from .run_config import RunConfig, eval_batch_size_for
-from .evaluation import evaluate_distributed
+from .round_eval import evaluate_distributed
 from .federation import ClientUpdates, assign_clients, generator_for, sample_clients, world_and_rank
 from .models import build_model
 from .monitoring import worker_round_line

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from ray_fedat.attacks import kl_attack, pgd_ce
 from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client
 from ray_fedat.data import load_digits, to_float
-from ray_fedat.evaluation import count_correct
+from ray_fedat.round_eval import count_correct
 from ray_fedat.federation import generator_for
 from ray_fedat.losses import METHOD_LOSSES, LocalContext, calibrate
 from ray_fedat.models import build_model

@@ -1,4 +1,4 @@
-"""The final strong attack (final_eval.py) with the AutoAttack authors' code (pyautoattack): on a
+"""The final strong attack (final_attack.py) with the AutoAttack authors' code (pyautoattack): on a
 small adversarially trained model it is at least as strong as PGD-100; an image counts as robust
 only if every attack failed on it; on a model whose cross-entropy gradients vanish the margin
 yardstick exposes it; its shards add up to the whole; every run attacks the same images."""
@@ -8,9 +8,9 @@ from torch import nn
 
 from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client
 from ray_fedat.data import load_digits
-import ray_fedat.final_eval as final_eval
-from ray_fedat.evaluation import count_correct
-from ray_fedat.final_eval import (attack_counts, attack_shard, combine_shards, stratified_subset,
+import ray_fedat.final_attack as final_attack
+from ray_fedat.round_eval import count_correct
+from ray_fedat.final_attack import (attack_counts, attack_shard, combine_shards, stratified_subset,
                                   weak_yardstick_warning)
 from ray_fedat.models import build_model
 
@@ -98,7 +98,7 @@ def test_an_image_is_robust_only_if_every_attack_failed_on_it(trained, monkeypat
     """Worst case per image: with a strong attack that never succeeds, the headline is the
     yardstick's count (the images the yardstick broke stay broken), not the natural count."""
     state, data = trained
-    monkeypatch.setattr(final_eval, "strong_examples", lambda model, forward, x, t, attack, **kw: x.clone())
+    monkeypatch.setattr(final_attack, "strong_examples", lambda model, forward, x, t, attack, **kw: x.clone())
     result = scores(state, data, "apgd")
     assert result["yardstick_acc"] < result["natural_acc"]  # the yardstick broke some images
     assert result["robust_acc"] == result["yardstick_acc"]

@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ray_fedat.aggregation import aggregate, sfat, sfat_weights
-from ray_fedat.evaluation import client_expected_accuracy, count_correct, count_correct_by_class, worst_and_bottom
+from ray_fedat.round_eval import client_expected_accuracy, count_correct, count_correct_by_class, worst_and_bottom
 from ray_fedat.federation import ClientUpdates
-from ray_fedat.final_eval import weak_yardstick_warning
+from ray_fedat.final_attack import weak_yardstick_warning
 from ray_fedat.losses import LocalContext, calfat_loss, fgsm_rs_loss, mart_objective, proximal_term
 
 
@@ -268,7 +268,7 @@ def test_each_method_flag_changes_what_a_client_learns():
 def test_default_eval_batches_share_a_small_set_evenly_between_two_workers():
     """Batch b goes to rank b mod N; with 256-image batches 300 images split 256 / 44, and
     the round waits for the busier worker. The CPU default (64) splits them within one batch."""
-    from ray_fedat.evaluation import shard_batches
+    from ray_fedat.round_eval import shard_batches
     from ray_fedat.run_config import eval_batch_size_for
 
     x, y = torch.zeros(300, 1, 4, 4, dtype=torch.uint8), torch.zeros(300, dtype=torch.long)

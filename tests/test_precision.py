@@ -13,7 +13,7 @@ from ray_fedat.attacks import kl_attack, pgd_ce
 from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client
 from ray_fedat.config import ConfigError, RunConfig, parse_config
 from ray_fedat.data import load_dataset, load_digits, to_float
-from ray_fedat.evaluation import count_correct
+from ray_fedat.round_eval import count_correct
 from ray_fedat.federation import generator_for
 from ray_fedat.models import build_model
 from ray_fedat.precision import (Forward, agree_on_precision, choose_precision, configure_backends, cpu_bf16_capability,

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .attacks import pgd_ce
-from .evaluation import shard_batches, yardstick_robust
+from .round_eval import shard_batches, yardstick_robust
 from .federation import generator_for
 from .losses import attacking
 from .precision import Forward
@@ -38,7 +38,7 @@ ATTACK_NAMES = {"pgd-100": "PGD-100", "apgd": "APGD-CE + APGD-T", "autoattack": 
 FINAL_ATTACK_SHARE = 0.15
 DEFAULT_FINAL_IMAGES = 1000  # the fewest test images a robustness claim may rest on
 _SUBSET_SEED = 20260  # the final attack's images: fixed, so every run is scored on the same ones
-_YARDSTICK_STREAM = 0xE7A1  # the same random starts as per-round evaluation (evaluation.py)
+_YARDSTICK_STREAM = 0xE7A1  # the same random starts as per-round evaluation (round_eval.py)
 
 
 def autoattack(model: torch.nn.Module, attack: str, eps: float, num_classes: int, seed: int, device: torch.device):
@@ -217,7 +217,7 @@ def images_digest(indices: torch.Tensor) -> str:
 
 def yardstick_name(steps: int) -> str:
     """The per-round yardstick's name: PGD with `steps` steps on cross-entropy, then on the CW
-    margin (evaluation.yardstick_robust)."""
+    margin (round_eval.yardstick_robust)."""
     return f"PGD-{steps} CE+margin"
 
 
