@@ -10,8 +10,8 @@ import json
 import os
 from typing import Optional, Sequence
 
-from .defaults import (AGGREGATORS, CLIENT_WEIGHTINGS, BYZANTINE_ATTACKS, CALFAT_PAPER_SCALE, DATASET_DEFAULTS, DATASETS,  # noqa: F401
-                       FINAL_ATTACKS, METHODS, PARTITIONS, PRECISIONS)
+from .defaults import (AGGREGATORS, BYZANTINE_ATTACKS, CALFAT_PAPER_SCALE, CLIENT_WEIGHTINGS, DATASETS, FINAL_ATTACKS,
+                       METHODS, PARTITIONS, PRECISIONS)
 from .errors import ConfigError
 from .run_config import RunConfig
 from .schedule import LR_SCHEDULES
@@ -46,7 +46,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit code 2, with any credential
     in a URI it quotes (a mistyped flag's value) redacted."""
 
@@ -58,7 +58,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     d = RunConfig()
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="python -m ray_fedat.train",
         description="Federated adversarial training on a Ray cluster (Ray Train TorchTrainer, "
         "one worker per node). Defaults marked 'per dataset' are the README's recipe: the CalFAT "

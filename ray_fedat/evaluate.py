@@ -17,17 +17,19 @@ from typing import Optional, Sequence
 import torch
 
 from .checkpoints import load_model_file
-from .config import DATASET_DEFAULTS, ConfigError, RunConfig, _OneLineParser, parse_fraction
+from .config import OneLineParser, parse_fraction
 from .data import load_dataset
-from .round_eval import count_correct
+from .defaults import DATASET_DEFAULTS
+from .errors import ConfigError
 from .final_attack import ATTACK_NAMES, attack_counts, stratified_subset, yardstick_name
-from .precision import prepare_model
-from .run_config import eval_batch_size_for
 from .models import build_model
+from .precision import prepare_model
+from .round_eval import count_correct
+from .run_config import RunConfig, eval_batch_size_for
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m ray_fedat.evaluate", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="python -m ray_fedat.evaluate", description=__doc__.splitlines()[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="best_natural.pt, best_robust.pt or final_model.pt of a run")
     p.add_argument("--attack", choices=("pgd", *ATTACK_NAMES), default="pgd",

@@ -28,7 +28,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .config import ConfigError, build_parser, parse_config
+from .config import build_parser, parse_config
+from .errors import ConfigError
+from .sweep_table import SWEEP_FILE
 
 # Keys a grid may not set: the sweep chooses them for every run.
 SWEEP_OWNED = ("name", "output_dir", "resume", "config", "print_config", "dry_run")
@@ -38,7 +40,6 @@ SHARED_ONLY = ("storage_path", "address", "dashboard", "dashboard_host")
 COMPARABLE_ONLY = {"final_samples": "every run's final attack must score the same test images for the robust "
                                     "accuracies of the table to compare"}
 PATH_KEYS = ("data_dir", "data_file", "storage_path")  # made absolute: Tune trials run elsewhere
-SWEEP_FILE = "sweep.json"
 DRIVER_MEMORY = 256 * 2**20  # bytes a trial reserves for its run's driver (data, Ray handles)
 # A run's summary.json status -> what the sweep does with it.
 DONE_STATUSES = ("finished", "failed")  # failed: kept and shown as failed (--retry-failed resumes it)
@@ -500,9 +501,9 @@ def print_plan(grid: Grid, runs: List[PlannedRun], sweep_dir: str) -> None:
 
 
 def build_sweep_parser() -> argparse.ArgumentParser:
-    from .config import _OneLineParser
+    from .config import OneLineParser
 
-    p = _OneLineParser(prog="python -m ray_fedat.sweep", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m ray_fedat.sweep", description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("grid", metavar="GRID", help="YAML or TOML grid file: train flags, lists where a value varies")
     p.add_argument("--name", default=None, help="the sweep's directory under storage_path (default: the grid file's name)")

@@ -15,7 +15,9 @@ import os
 import statistics
 from typing import Dict, List, Optional
 
-from .sweep import SWEEP_FILE
+from .run_config import RunConfig
+
+SWEEP_FILE = "sweep.json"  # the sweep's own record, beside its runs (sweep.sweep_record)
 
 METRICS = ("natural", "yardstick_robust", "final_attack_robust", "worst_client_robust")
 
@@ -202,7 +204,6 @@ def write_table(sweep_dir: str) -> Dict[str, str]:
     rows = sweep_rows(sweep_dir)
     with open(os.path.join(sweep_dir, SWEEP_FILE)) as f:
         sweep = json.load(f)
-    from .config import RunConfig
 
     shared_method = (sweep.get("shared") or {}).get("method", RunConfig().method)
     method_of = {c["name"]: str(c["values"].get("method", shared_method)) for c in sweep["cells"]}

@@ -9,7 +9,8 @@ import torch
 from ray_fedat.byzantine import (SCALE_FACTOR, SIGN_FLIP_FACTOR, byzantine_clients, corrupt_update, flip_labels,
                                  trainable_mask)
 from ray_fedat.client import ClientShard
-from ray_fedat.config import ConfigError, parse_config
+from ray_fedat.config import parse_config
+from ray_fedat.errors import ConfigError
 from ray_fedat.federation import generator_for
 
 

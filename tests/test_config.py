@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from ray_fedat.config import ConfigError, parse_config
+from ray_fedat.config import parse_config
+from ray_fedat.errors import ConfigError
 
 
 def test_per_dataset_defaults_keep_the_articles_threat_model_and_evaluation():

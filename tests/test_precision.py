@@ -11,7 +11,9 @@ from torch import nn
 
 from ray_fedat.attacks import kl_attack, pgd_ce
 from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client
-from ray_fedat.config import ConfigError, RunConfig, parse_config
+from ray_fedat.config import parse_config
+from ray_fedat.errors import ConfigError
+from ray_fedat.run_config import RunConfig
 from ray_fedat.data import load_dataset, load_digits, to_float
 from ray_fedat.round_eval import count_correct
 from ray_fedat.federation import generator_for

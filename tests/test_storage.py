@@ -8,7 +8,8 @@ import torch
 
 from ray_fedat.auth import split_address, token_source, use_token_if_available
 from ray_fedat.checkpoints import pack_restore_state, unpack_restore_state
-from ray_fedat.config import ConfigError, parse_config, resume_config
+from ray_fedat.config import parse_config, resume_config
+from ray_fedat.errors import ConfigError
 from ray_fedat.models import build_model
 from ray_fedat.storage import (RankStorage, StorageError, default_output_dir, is_uri, plan_storage, sees_marker,
                                storage_rank, write_marker)
@@ -73,7 +74,7 @@ def test_a_storage_uri_with_credentials_is_refused_in_one_line_without_them(uri,
     resumed run's saved config alike, and no message repeats the secret."""
     import json
 
-    from ray_fedat.config import RunConfig
+    from ray_fedat.run_config import RunConfig
     from ray_fedat.storage import check_store_answers, has_credentials
     from ray_fedat.train import main
 

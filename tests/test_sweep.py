@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from ray_fedat.config import ConfigError, parse_config
+from ray_fedat.config import parse_config
+from ray_fedat.errors import ConfigError
 from ray_fedat.sweep import (ErrorLine, concurrent_runs, eta_seconds, expand_grid, failed_runs_line,
                              final_samples_clash, flags_to_argv, plan_runs, read_grid_file, record_failure, run_state,
                              sweep_record)

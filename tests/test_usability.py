@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from ray_fedat.config import DATASET_DEFAULTS, ConfigError, parse_config
+from ray_fedat.config import parse_config
+from ray_fedat.defaults import DATASET_DEFAULTS
+from ray_fedat.errors import ConfigError
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
