@@ -14,6 +14,9 @@ Each model is also scored with the run's own yardstick PGD on the same images, a
 more than WEAK_YARDSTICK_GAP is reported as a one-line warning. AutoAttack's own checks
 (zero gradients, randomised or dynamic models, ...) are kept in the result.
 
+The driver's part (run_final_attack, attempt_final_attack, record_final_attack) loads the
+models the run wrote, attacks them and records the result; the rest is the attack itself.
+
 The images are cut into fixed batches and batch b belongs to shard b % world, as in
 per-round evaluation: the driver runs one task per worker (with a worker's resources: a GPU
 on a GPU cluster) and adds up their counts. Each batch's attack is seeded by (seed, b), so the
@@ -21,16 +24,21 @@ numbers do not depend on the number of workers. Evaluation always runs in fp32.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .attacks import pgd_ce
+from .errors import root_cause
 from .round_eval import shard_batches, yardstick_robust
 from .federation import generator_for
 from .losses import attacking
 from .precision import Forward
+from .run_config import RunConfig, eval_batch_size_for
 
 WEAK_YARDSTICK_GAP = 0.05
 ATTACK_NAMES = {"pgd-100": "PGD-100", "apgd": "APGD-CE + APGD-T", "autoattack": "AutoAttack (standard)"}
@@ -242,3 +250,116 @@ def headline(final_attack: Optional[dict]) -> Optional[str]:
     r = final_attack["models"]["final"]
     return (f"robust {100 * r['robust_acc']:.1f}% under {final_attack['attack']} (eps {final_attack['epsilon']:.4g}, "
             f"{r['images']} test images), natural {100 * r['natural_acc']:.1f}%")
+
+
+# ---- the driver's part: after training ----
+
+def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[str], records: List[dict],
+                     use_gpu: bool) -> Optional[dict]:
+    """--final-attack on final_model.pt and best_robust.pt (once when they are the same round),
+    split over one Ray task per worker, each with a worker's resources, the way per-round
+    evaluation is split, on --final-samples fixed class-stratified test images
+    (stratified_subset). Never fails the run: a problem is reported in the result."""
+    import ray
+
+    from .checkpoints import load_model_file
+    from .recorder import BEST_FILES
+
+    files = {"final": final_model, "best_robust": BEST_FILES["robust"]}
+    loaded = {name: load_model_file(os.path.join(run_dir, f))
+              for name, f in files.items() if f and os.path.isfile(os.path.join(run_dir, f))}
+    if not loaded:
+        return None
+    final_round = records[-1]["round"] if records else None
+    best_round = loaded["best_robust"][1].get("round") if "best_robust" in loaded else None
+    same_model = "final" in loaded and best_round is not None and best_round == final_round
+    if same_model:
+        del loaded["best_robust"]  # attack it once
+    states = {name: state for name, (state, _) in loaded.items()}
+    chosen = stratified_subset(data.y_test, cfg.final_samples)
+    samples = len(chosen)
+    how = "all" if samples == len(data.y_test) else "a fixed class-stratified subset, the same for every run"
+    x, y = data.x_test[chosen], data.y_test[chosen]
+    yardstick = yardstick_name(cfg.eval_steps)
+    print(f"ray_fedat: final attack: {ATTACK_NAMES[cfg.final_attack]} on {' and '.join(states)} model, "
+          f"{samples} of {len(data.y_test)} test images ({how}), split over {cfg.workers} worker(s)", flush=True)
+    # An explicit scheduling strategy (SPREAD: the shards go to different nodes where they can)
+    # also keeps the tasks out of the caller's placement group: inside a Ray Tune trial (ray_fedat.sweep)
+    # they would otherwise be captured by the trial's group, which holds no CPU for them.
+    task = ray.remote(num_cpus=cfg.cpus_per_worker, num_gpus=1 if use_gpu else 0, max_retries=0,
+                      scheduling_strategy="SPREAD")(attack_shard)
+    started = time.time()
+    try:
+        states_ref, x_ref, y_ref = ray.put(states), ray.put(x), ray.put(y)
+        refs = [task.remote(states_ref, cfg.model, data.shape, data.num_classes, x_ref, y_ref, cfg.final_attack,
+                            cfg.epsilon, cfg.eval_step_size, cfg.eval_steps,
+                            eval_batch_size_for(cfg.eval_batch_size, use_gpu), cfg.seed,
+                            rank, cfg.workers, use_gpu, cfg.cpus_per_worker)
+                for rank in range(cfg.workers)]
+        results = combine_shards(ray.get(refs))
+    except Exception as e:  # noqa: BLE001 - the trained models are kept whatever happens here
+        return {"attack": ATTACK_NAMES[cfg.final_attack], "error": root_cause(e)}
+    if same_model:
+        results["best_robust"] = results["final"]
+    return {"attack": ATTACK_NAMES[cfg.final_attack], "name": cfg.final_attack, "yardstick": yardstick,
+            "images": samples, "test_images": len(data.y_test), "workers": cfg.workers, "samples_chosen": how,
+            "images_digest": images_digest(chosen),
+            "epsilon": cfg.epsilon,
+            "rounds": {"final": final_round, "best_robust": best_round}, "models": results,
+            "seconds": time.time() - started, "warning": weak_yardstick_warning(results, cfg.final_attack, yardstick)}
+
+
+def attempt_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[str], records: List[dict],
+                         use_gpu: bool) -> dict:
+    """run_final_attack's result, or {"attack", "error"} when it could not attack: it raised, or
+    found no model to attack. A final attack that did not run leaves the run without its
+    headline number, so the run fails with the reason (run() decides)."""
+    name = ATTACK_NAMES[cfg.final_attack]
+    try:
+        result = run_final_attack(cfg, run_dir, data, final_model, records, use_gpu)
+    except Exception as e:  # noqa: BLE001 - one line in the summary, the models are kept
+        return {"attack": name, "error": root_cause(e)}
+    if result is None:
+        return {"attack": name, "error": "no model to attack (neither final_model.pt nor best_robust.pt was written)"}
+    if not result.get("error"):
+        result["attack"] = noted_attack_name(result["attack"], cfg.final_attack, data.num_classes)
+    return result
+
+
+def noted_attack_name(name: str, attack: str, num_classes: int) -> str:
+    """The final attack's name, saying so when APGD-T ran on the targeted cross-entropy loss
+    (autoattack: the targeted DLR loss needs at least 4 classes)."""
+    if attack in ("apgd", "autoattack") and num_classes < 4:
+        return f"{name} (APGD-T CE-targeted, fewer than 4 classes)"
+    return name
+
+
+def final_attack_error(final_attack: dict) -> str:
+    """The one-line reason a run failed in its final attack."""
+    first_line = (str(final_attack["error"]).strip().splitlines() or [""])[0]
+    return f"final attack {final_attack['attack']} failed: {first_line}"
+
+
+def record_final_attack(run_dir: str, final_attack: dict) -> None:
+    """The headline numbers into the last round's line of metrics.jsonl and into TensorBoard
+    (tag final_attack/<model>_robust_acc at that round)."""
+    from .recorder import METRICS_FILE, atomic_write_text, read_metrics
+
+    records = read_metrics(run_dir)
+    if not records:
+        return
+    last = records[-1]
+    last["final_attack"] = {"attack": final_attack["attack"], "images": final_attack["images"],
+                            **{f"{name}_{k}": r[k] for name, r in final_attack["models"].items()
+                               for k in ("natural_acc", "robust_acc")}}
+    atomic_write_text(os.path.join(run_dir, METRICS_FILE), "".join(json.dumps(r) + "\n" for r in records))
+    try:
+        from tensorboardX import SummaryWriter
+
+        with SummaryWriter(logdir=run_dir) as writer:
+            for name, r in final_attack["models"].items():
+                writer.add_scalar(f"final_attack/{name}_robust_acc", r["robust_acc"], last["round"])
+                writer.add_text("final_attack", f"{final_attack['attack']}, {final_attack['images']} test images, "
+                                f"eps {final_attack['epsilon']:.4g}", last["round"])
+    except Exception as e:  # noqa: BLE001 - a viewer's file, never worth the results
+        print(f"ray_fedat: could not write the final attack to TensorBoard: {e}")

@@ -95,12 +95,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--sweep", metavar="DIR", default=None,
                         help="a `python -m ray_fedat.sweep` directory: write its table.md, table.csv, table.png")
     args = parser.parse_args(argv)
-    if args.sweep:
-        report_sweep(args.sweep, args.json)
-        return
-    if not args.run_dirs:
+    if not args.sweep and not args.run_dirs:
         parser.error("give run directories, or --sweep DIR")
     try:
+        if args.sweep:
+            report_sweep(args.sweep, args.json)
+            return
         rows = [summarize(d) for d in args.run_dirs]
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"ray_fedat.report: error: {e}", file=sys.stderr)
@@ -111,11 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def report_sweep(sweep_dir: str, as_json: bool = False) -> None:
     from .sweep_table import sweep_rows, write_table
 
-    try:
-        paths = write_table(sweep_dir)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"ray_fedat.report: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    paths = write_table(sweep_dir)
     if as_json:
         print(json.dumps(sweep_rows(sweep_dir), indent=1))
         return

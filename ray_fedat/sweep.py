@@ -17,19 +17,17 @@ The functions down to `plan_runs` are pure (no Ray): they expand, name and plan 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import build_parser, parse_config
-from .errors import ConfigError
+from .errors import ConfigError, RunFailed, fail
 from .sweep_table import SWEEP_FILE
 
 # Keys a grid may not set: the sweep chooses them for every run.
@@ -223,38 +221,6 @@ def record_failure(run_dir: str, error: str, config: Optional[dict] = None) -> N
     atomic_write_text(path, json.dumps(summary, indent=1))
 
 
-class ErrorLine(io.TextIOBase):
-    """A stream that passes everything to `out` and keeps the last `ray_fedat: error:` line
-    (train.fail's message: its SystemExit carries only the exit code)."""
-    PREFIX = "ray_fedat: error: "
-
-    def __init__(self, out):
-        super().__init__()
-        self.out, self.last, self._partial = out, None, ""
-
-    def write(self, text: str) -> int:
-        self.out.write(text)
-        lines = (self._partial + text).split("\n")
-        self._partial = lines.pop()[-4096:]
-        for line in lines:
-            if line.startswith(self.PREFIX):
-                self.last = line[len(self.PREFIX):].strip()
-        return len(text)
-
-    def flush(self) -> None:
-        self.out.flush()
-
-    def fileno(self) -> int:  # for code that writes to the file descriptor (faulthandler)
-        return self.out.fileno()
-
-    def isatty(self) -> bool:
-        return self.out.isatty()
-
-    @property
-    def encoding(self):
-        return getattr(self.out, "encoding", "utf-8")
-
-
 def plan_runs(grid: Grid, sweep_dir: str, time_budget: Optional[float] = None,
               retry_failed: bool = False, rounds: Optional[int] = None) -> List[PlannedRun]:
     """Every cell x seed, with what this invocation does with it."""
@@ -334,8 +300,6 @@ def sweep_trial(config: dict, runs: Dict[str, dict]) -> dict:
     callback added to the run's Train callbacks. Never raises: the run's status is in its
     summary.json (record_failure writes it when the run could not), and a failed run is a
     row of the table, not a lost trial."""
-    import contextlib
-
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .train import run
@@ -344,19 +308,16 @@ def sweep_trial(config: dict, runs: Dict[str, dict]) -> dict:
     run_dir = config["run_dir"]
     os.chdir(config["cwd"])  # Tune starts a trial in its own directory: relative paths mean the user's
     cfg = None
-    errors = ErrorLine(sys.stderr)
     try:
         cfg = parse_config(config["argv"])
-        with contextlib.redirect_stderr(errors):
-            summary = run(cfg, callbacks=[TuneReportCallback()])
+        summary = run(cfg, callbacks=[TuneReportCallback()])
         return {"status": summary.get("status", "finished"), "run": config["name"]}
-    except ConfigError as e:
-        record_failure(run_dir, str(e))
+    except ConfigError as e:  # before training: no summary says why
+        record_failure(run_dir, str(e), cfg.to_dict() if cfg else None)
         return {"status": "failed", "run": config["name"], "error": str(e)}
-    except SystemExit as e:  # train.fail(): after its summary, the run wrote its status and error there
+    except RunFailed as e:  # after its summary: the run wrote its status and error there
         if e.code != 130 and run_state(run_dir)[0] not in DONE_STATUSES:  # 130: interrupted, resumable
-            record_failure(run_dir, errors.last or f"the run stopped with exit code {e.code}",
-                           cfg.to_dict() if cfg else None)
+            record_failure(run_dir, str(e), cfg.to_dict())
         status, note = run_state(run_dir)
         return {"status": status, "run": config["name"], "error": note}
     except Exception as e:  # noqa: BLE001 - an unexpected error fails this run, not the sweep
@@ -401,7 +362,7 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
     import ray
     from ray import tune
 
-    from .train import REPORT_POLL_INTERVAL_S, connect_ray, fail
+    from .launch import REPORT_POLL_INTERVAL_S, connect_ray
 
     todo = [r for r in runs if r.state in ("new", "resume")]
     cfgs = {r.name: parse_config(r.argv) for r in todo}
@@ -457,7 +418,8 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
     write_and_print_table(sweep_dir)
     left = [r.name for r in todo if run_state(os.path.join(sweep_dir, r.name))[0] not in DONE_STATUSES]
     if left:  # Ctrl-C (Tune stops its trials), or a trial lost with its node
-        fail(f"{len(left)} run(s) not finished ({', '.join(left)}); the same command resumes them", code=130)
+        raise RunFailed(f"{len(left)} run(s) not finished ({', '.join(left)}); the same command resumes them",
+                        code=130)
     fail_if_any_failed(sweep_dir, runs)
 
 
@@ -471,14 +433,12 @@ def failed_runs_line(failed: Sequence[Tuple[str, str]], total: int) -> Optional[
 
 
 def fail_if_any_failed(sweep_dir: str, runs: Sequence[PlannedRun]) -> None:
-    """Exit 1 with one line when a run of the sweep failed: the table is written, but the sweep
-    did not produce every number it was asked for."""
-    from .train import fail
-
+    """RunFailed (exit 1, one line) when a run of the sweep failed: the table is written, but
+    the sweep did not produce every number it was asked for."""
     states = [(r.name, run_state(os.path.join(sweep_dir, r.name))) for r in runs]
     line = failed_runs_line([(name, note) for name, (state, note) in states if state == "failed"], len(runs))
     if line:
-        fail(line, code=1)
+        raise RunFailed(line)
 
 
 def write_and_print_table(sweep_dir: str) -> None:
@@ -519,8 +479,6 @@ def build_sweep_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from .train import fail
-
     args = build_sweep_parser().parse_args(argv)
     try:
         if args.time_budget is not None and not (math.isfinite(args.time_budget) and args.time_budget > 0):
@@ -549,6 +507,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         run_sweep(args.grid, sweep_dir, grid, runs, args)
     except ConfigError as e:
         fail(str(e))
+    except RunFailed as e:
+        fail(str(e), code=e.code)
     except KeyboardInterrupt:
         fail("interrupted; finished runs are kept, and the same command resumes the rest", code=130)
 

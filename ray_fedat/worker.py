@@ -1,12 +1,14 @@
 """The per-worker loop that Ray Train runs on every worker: one federated round at a time.
 
+    set_up: device, this worker's clients' data, the global model (restored after a restart)
     for each round:
-        for each of this worker's clients that take part:
-            start from the global model, adversarially train locally (no gradient sync)
-        aggregate the client models into the new global model (federation.py: a running
+        plan_round: the schedules' lr, epsilon and attack, the participants, what to score
+        train_my_clients: each of this worker's clients that take part starts from the
+            global model and trains adversarially (no gradient sync)
+        aggregate: the client models into the new global model (federation.py: a running
             FedAvg sum all_gathered per worker, or a robust rule sharded by coordinate)
-        evaluate the global model (natural + PGD), sharded over the workers
-        ray.train.report(metrics, checkpoint from the storage rank)
+        score_round: the global model (natural + PGD) on validation and/or test, sharded
+        report: ray.train.report(metrics, checkpoint from the storage rank)
 
 The model is never wrapped in DistributedDataParallel: clients only meet at aggregation.
 The storage rank is rank 0 when every node sees the storage path, else the rank on the
@@ -20,7 +22,8 @@ import os
 import socket
 import tempfile
 import time
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,8 +33,9 @@ from .byzantine import STREAM as BYZANTINE_STREAM
 from .byzantine import byzantine_clients, corrupt_update, flip_labels, trainable_mask
 from .checkpoints import RESTORE_HEADER, pack_restore_state, read_checkpoint, save_checkpoint, unpack_restore_state
 from .client import ClientShard, LocalTrainingConfig, train_client
-from .run_config import RunConfig, eval_batch_size_for
+from .handoff import StorageCheck, WorkerPlan
 from .round_eval import evaluate_distributed
+from .run_config import RunConfig, eval_batch_size_for
 from .federation import ClientUpdates, assign_clients, generator_for, sample_clients, world_and_rank
 from .models import build_model
 from .monitoring import worker_round_line
@@ -39,27 +43,27 @@ from .precision import configure_backends, prepare_model, run_precision
 from .schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds, schedule_round
 from .storage import RankStorage, sees_marker, storage_rank
 
-def load_shards(payload: dict, my_clients: List[int]):
+
+def load_shards(plan: WorkerPlan, my_clients: List[int]):
     """This worker's client shards, the test set and the validation set ((None, None) without
     one), from the object store or from local disk."""
     import ray
 
-    cfg = RunConfig.from_dict(payload["cfg"])
-    counts = payload["class_counts"]
+    cfg, counts = plan.cfg, plan.class_counts
     if cfg.data_on == "driver":
-        shards = {cid: ray.get(payload["client_refs"][cid]) for cid in my_clients}
-        x_test, y_test = ray.get(payload["test_ref"])
-        x_val, y_val = ray.get(payload["val_ref"])
+        shards = {cid: ray.get(plan.client_refs[cid]) for cid in my_clients}
+        x_test, y_test = ray.get(plan.test_ref)
+        x_val, y_val = ray.get(plan.val_ref)
         return shards, (x_test, y_test), (x_val, y_val)
     from .data import data_digest, hold_out_validation, load_dataset
 
     data = hold_out_validation(load_dataset(cfg), cfg.val_fraction, cfg.seed)  # this node's own copy, split alike
-    if data_digest(data) != payload["data_digest"]:
+    if data_digest(data) != plan.data_digest:
         raise RuntimeError(f"node {socket.gethostname()}: its copy of {cfg.dataset} differs from the driver's "
                            "(images or labels); every node needs the same files with --data-on nodes")
     shards = {}
     for cid in my_clients:
-        idx = torch.as_tensor(payload["partition"][cid])
+        idx = torch.as_tensor(plan.partition[cid])
         shards[cid] = ClientShard(cid, data.x_train[idx], data.y_train[idx], torch.tensor(counts[cid], dtype=torch.float32))
     return shards, (data.x_test, data.y_test), (data.x_val, data.y_val)
 
@@ -73,14 +77,14 @@ def worker_identity(device: torch.device) -> Dict:
             "device": str(device)}
 
 
-def agree_on_storage_rank(storage: dict, storage_path: str, device: torch.device) -> int:
+def agree_on_storage_rank(storage: StorageCheck, storage_path: str, device: torch.device) -> int:
     """Every rank says whether it sees the driver's storage marker and runs on the driver's
     node (one all_gather); all then pick the same storage rank."""
     import ray
 
     world, rank = world_and_rank()
-    on_driver_node = ray.get_runtime_context().get_node_id() == storage["driver_node"]
-    mine = torch.tensor([float(sees_marker(storage["marker_dir"], storage["marker_token"])), float(on_driver_node)],
+    on_driver_node = ray.get_runtime_context().get_node_id() == storage.driver_node
+    mine = torch.tensor([float(sees_marker(storage.marker_dir, storage.marker_token)), float(on_driver_node)],
                         dtype=torch.float64, device=device)
     everyone = [mine]
     if world > 1:
@@ -156,149 +160,88 @@ def client_weight(weighting: str, samples: int) -> float:
     return float(samples) if weighting == "samples" else 1.0
 
 
-def train_loop_per_worker(payload: dict) -> None:
-    import ray.train
-    import ray.train.torch
+@dataclass
+class Worker:
+    """One worker's run, set up once (set_up): its clients' data, the model, and what changes
+    from round to round (the global model, the best rounds so far, the round planner)."""
+    plan: WorkerPlan
+    cfg: RunConfig
+    rank: int
+    device: torch.device
+    model: torch.nn.Module
+    spec: list  # how a flat vector maps back to the model's state dict (aggregation.flatten_state)
+    clients_by_rank: List[List[int]]
+    shards: Dict[int, ClientShard]  # this worker's clients, on the device
+    test_set: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    val_set: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    byzantine: Set[int]
+    trainable: Optional[torch.Tensor]  # what a Byzantine client corrupts
+    local_cfg: LocalTrainingConfig
+    writer_rank: int  # the rank that writes checkpoints
+    identity: dict  # into every report: summary.json's workers
+    first_round: int  # 1, or the round this worker group restarted at
+    global_vec: torch.Tensor
+    best: dict  # kind -> {"value", "round"} of the best round so far, or None
+    planner: "RoundPlanner"
 
+    @property
+    def my_clients(self) -> List[int]:
+        return self.clients_by_rank[self.rank]
+
+    @property
+    def chooses(self) -> str:
+        """The split the best models are chosen on: validation when there is one."""
+        return "val" if self.val_set is not None else "test"
+
+
+@dataclass
+class RoundPlan:
+    """What a round does, decided before it starts: its schedules' values, who trains, and
+    which splits it scores (a re-plan after training may still make it the last round,
+    which is then scored in full: score_round)."""
+    round: int
+    local_cfg: LocalTrainingConfig  # this round's lr, epsilon and attack
+    late: bool  # the late attack has started (it stays)
+    participants: Set[int]
+    eval_every: int  # the evaluation interval this round was planned with
+    score_val: bool
+    score_test: bool
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point on every worker: config["plan"] is the driver's WorkerPlan."""
     loop_started_at = time.time()  # start-up breakdown (benchmarks/startup.py): worker group vs data
-    cfg = RunConfig.from_dict(payload["cfg"])
-    rank = ray.train.get_context().get_world_rank()
-    world = ray.train.get_context().get_world_size()
-    torch.set_num_threads(cfg.cpus_per_worker)
-    device = ray.train.torch.get_device() if payload["use_gpu"] else torch.device("cpu")
-    # The precision of the training forwards (evaluation stays fp32), one for the whole run: `auto`
-    # is bf16 only where every worker has native bf16. The reason goes into summary.json's workers.
-    precision, precision_reason = run_precision(cfg.precision, device)
-    configure_backends(device, cfg.deterministic)
-
-    clients_by_rank = assign_clients(cfg.clients, world, [sum(c) for c in payload["class_counts"]])
-    my_clients = clients_by_rank[rank]
-    shards, test_set, val_set = load_shards(payload, my_clients)
-    byzantine = set(byzantine_clients(cfg.clients, cfg.byzantine, cfg.seed))
-    if cfg.byzantine_attack == "label-flip":
-        shards = {cid: flip_labels(s, payload["num_classes"]) if cid in byzantine else s for cid, s in shards.items()}
-    # Once, to the device: batches are then indexed and converted there (no per-batch copies).
-    shards = {cid: shard.to(device) for cid, shard in shards.items()}
-    test_set = on_device(*test_set, cfg.eval_samples, device)
-    val_set = on_device(*val_set, cfg.eval_samples, device)
-    chooses = "val" if val_set is not None else "test"  # the split the best models are chosen on
-    data_ready_at = time.time()
-
-    torch.manual_seed(cfg.seed)  # same initial global model on every rank
-    model = prepare_model(build_model(cfg.model, payload["shape"], payload["num_classes"]), device, precision)
-    check_device(model, device, payload["use_gpu"])
-    writer_rank = agree_on_storage_rank(payload["storage"], cfg.storage_path, device)
-    first_round, best, plan = restore_state(model, writer_rank, device)
-    global_vec, spec = flatten_state(model.state_dict())
-    global_vec = global_vec.to(device)
-    trainable = trainable_mask(model).to(device) if byzantine else None  # what a Byzantine client corrupts
-    local_cfg = local_training_config(cfg, payload["augment"], precision)
-    identity = {**worker_identity(device), "writes_checkpoints": rank == writer_rank, "precision": precision,
-                "deterministic": torch.are_deterministic_algorithms_enabled(), "precision_reason": precision_reason,
-                "loop_started_at": loop_started_at, "data_ready_at": data_ready_at}
-    planner = RoundPlanner(cfg, payload.get("deadline"), device)
-    planner.restore(plan)
-
-    eval_batch = eval_batch_size_for(cfg.eval_batch_size, device.type == "cuda")
-
-    def score_set(x, y, round_: int) -> dict:
-        return evaluate_distributed(model, x, y, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
-                                    steps=cfg.eval_steps, batch_size=eval_batch, seed=cfg.seed,
-                                    round_=round_, device=device, num_classes=payload["num_classes"])
-
-    def evaluate_validation(round_: int) -> dict:
-        """Validation scores as val_* : they choose the best models, at every evaluated round."""
-        val = score_set(*val_set, round_)
-        return {"val_natural_acc": val["natural_acc"], "val_robust_acc": val["robust_acc"],
-                "val_images": val["eval_images"]}
-
-    def evaluate_test(round_: int) -> dict:
-        """Test scores: reported only (they choose only without a validation set)."""
-        return score_set(*test_set, round_)
-
-    not_evaluated = {"natural_acc": None, "robust_acc": None, "eval_images": 0,
-                     **({"val_natural_acc": None, "val_robust_acc": None} if val_set is not None else {})}
-
-    round_, last_report_s, late = first_round, 0.0, False
-    while round_ <= planner.total_rounds:
-        started_at = time.time()
-        t0 = time.perf_counter()
-        total_rounds = planner.total_rounds
-        # With --time-budget the schedules follow the current plan; else the run's first --rounds.
-        planned = total_rounds if planner.deadline is not None else cfg.schedule_rounds
-        at = schedule_round(round_, planned)
-        epsilon = epsilon_at(round_, cfg.epsilon, cfg.eps_warmup_rounds)
-        # The stronger late attack, once it starts, stays (a re-plan never takes it back).
-        late = late or (cfg.late_attack_steps is not None and late_phase(at, planned, cfg.late_attack_from))
-        steps, step_size = ((cfg.late_attack_steps, cfg.late_step_size or cfg.step_size) if late
-                            else (cfg.attack_steps, cfg.step_size))
-        round_cfg = dataclasses.replace(local_cfg, lr=lr_at(at, planned, cfg.lr, cfg.lr_schedule),
-                                        epsilon=epsilon, attack_steps=steps,
-                                        step_size=step_size * epsilon / max(cfg.epsilon, 1e-12))
-        participants = set(sample_clients(cfg.clients, cfg.client_fraction, cfg.seed, round_))
-        mine = [c for c in my_clients if c in participants]
-        updates = ClientUpdates(cfg.aggregator, global_vec.numel(), len(mine), device)
-        for cid in mine:
-            model.load_state_dict(unflatten_state(global_vec, spec))
-            loss = train_client(model, shards[cid], round_cfg, generator_for(cfg.seed, round_, cid), device)
-            update = flatten_state(model.state_dict())[0]
-            if cid in byzantine:
-                update = corrupt_update(cfg.byzantine_attack, update, global_vec,
-                                        generator_for(cfg.seed, round_, cid, BYZANTINE_STREAM), trainable)
-            updates.add(cid, update, client_weight(cfg.client_weighting, len(shards[cid])), loss)
+    w = set_up(config["plan"], loop_started_at)
+    round_, late, last_report_s = w.first_round, False, 0.0
+    while round_ <= w.planner.total_rounds:
+        started_at, t0 = time.time(), time.perf_counter()
+        plan = plan_round(w, round_, late)
+        late = plan.late
+        updates = train_my_clients(w, plan)
         t_train = time.perf_counter()
-
-        taking_part = [[c for c in block if c in participants] for block in clients_by_rank]
-        ids, w, client_losses, aggregated = updates.aggregate(taking_part, cfg.trim_ratio, cfg.aggregator_f,
-                                                              cfg.sfat_alpha, cfg.sfat_topk)
-        global_vec = server_step(global_vec, aggregated, cfg.server_lr)
-        if not torch.isfinite(global_vec).all():
-            raise FloatingPointError(f"round {round_}: the aggregated model has NaN/inf parameters "
-                                     "(try a smaller --lr); the last good checkpoint is kept")
-        model.load_state_dict(unflatten_state(global_vec, spec))
+        ids, weights, losses = aggregate(w, plan, updates)
         t_agg = time.perf_counter()
-
-        # Validation (it chooses the best models) at every evaluated round; the test set, which
-        # only reports, every --test-every of them and at the last round (in full).
-        eval_every = planner.eval_every  # the interval this round was planned with
-        # Round 1 always (it times evaluation for the planner), but not the first round after a
-        # restart: an uninterrupted run would not have evaluated it, and its score could pick
-        # another best model.
-        evaluated = round_ == total_rounds or round_ == 1 or round_ % eval_every == 0
-        with_test = (val_set is None or round_ == total_rounds or round_ % (eval_every * cfg.test_every) == 0
-                     or (round_ == 1 and planner.deadline is not None))  # a budget's plan needs the test's time
-        scores = dict(not_evaluated)
-        val_s = test_s = None
-        if evaluated and val_set is not None:
-            scores.update(evaluate_validation(round_))
-            val_s = time.perf_counter() - t_agg
-        if evaluated and with_test:
-            t_test = time.perf_counter()
-            scores.update(evaluate_test(round_))
-            test_s = time.perf_counter() - t_test
+        scored, val_s, test_s = score_round(w, round_, plan.score_val, plan.score_test)
+        scores = {**unscored(w), **scored}
         t_eval = time.perf_counter()
         # Re-plan before reporting, so that a round the new plan makes the last one is still
         # closed with a full evaluation and a checkpoint.
-        planner.round_finished(round_, t_agg - t0 + last_report_s, val_s, test_s)
-        closing = round_ == planner.total_rounds
-        if closing and not (evaluated and with_test):
-            if val_set is not None and not evaluated:
-                scores.update(evaluate_validation(round_))
-            scores.update(evaluate_test(round_))
-            evaluated = True
+        w.planner.round_finished(round_, t_agg - t0 + last_report_s, val_s, test_s)
+        closing = round_ == w.planner.total_rounds
+        if closing and not plan.score_test:
+            scores.update(score_round(w, round_, w.val_set is not None and not plan.score_val, True)[0])
             t_eval = time.perf_counter()
-
         record = {
             "round": round_,
             **scores,
-            "train_loss": float((client_losses * w).sum() / w.sum()),
+            "train_loss": float((losses * weights).sum() / weights.sum()),
             "participants": ids.tolist(),
-            "planned_rounds": planner.known,
-            "eval_every": eval_every,
-            "lr": round_cfg.lr,
-            "epsilon": epsilon,
-            "attack_steps": steps,
-            "resumed_from": first_round,  # 1, or the round this worker group restarted at
+            "planned_rounds": w.planner.known,
+            "eval_every": plan.eval_every,
+            "lr": plan.local_cfg.lr,
+            "epsilon": plan.local_cfg.epsilon,
+            "attack_steps": plan.local_cfg.attack_steps,
+            "resumed_from": w.first_round,  # 1, or the round this worker group restarted at
             "round_s": t_eval - t0,
             "started_at": started_at,  # wall clock: the gaps between rounds are the framework's overhead
             "ended_at": started_at + (t_eval - t0),
@@ -306,29 +249,184 @@ def train_loop_per_worker(payload: dict) -> None:
             "aggregate_s": t_agg - t_train,
             "eval_s": t_eval - t_agg,
         }
-        record["chosen_on"] = chooses
-        prefix = "val_" if chooses == "val" else ""  # the test set never chooses when there is a validation set
-        new_best = {kind: improves(best[kind], record[f"{prefix}{kind}_acc"]) for kind in ("natural", "robust")}
-        for kind, key in (("natural", f"{prefix}natural_acc"), ("robust", f"{prefix}robust_acc")):
-            if new_best[kind]:
-                best[kind] = {"value": record[key], "round": round_}
-        record["best_natural"], record["best_robust"] = new_best["natural"], new_best["robust"]
-
-        wants_checkpoint = (round_ % cfg.checkpoint_every == 0 or closing
-                            or new_best["natural"] or new_best["robust"])
-        metrics = {**record, "worker": identity}
-        # The dashboard's Logs page shows each worker's stdout: one readable line per round.
-        print(worker_round_line(rank, identity["node_ip"], record, planner.known), flush=True)
-        t_report = time.perf_counter()
-        if rank == writer_rank and wants_checkpoint:
-            with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(d, model, record, best, cfg.model, payload["shape"], payload["num_classes"],
-                                planner.plan())
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
-        last_report_s = time.perf_counter() - t_report  # counted in the next round's pace
+        last_report_s = report(w, record, closing)  # counted in the next round's pace
         round_ += 1
+
+
+def set_up(plan: WorkerPlan, loop_started_at: float) -> Worker:
+    """Device and precision, this worker's clients' data, the initial (or restored) global
+    model, the storage rank and the round planner."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = plan.cfg
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    device = ray.train.torch.get_device() if plan.use_gpu else torch.device("cpu")
+    # The precision of the training forwards (evaluation stays fp32), one for the whole run: `auto`
+    # is bf16 only where every worker has native bf16. The reason goes into summary.json's workers.
+    precision, precision_reason = run_precision(cfg.precision, device)
+    configure_backends(device, cfg.deterministic)
+
+    clients_by_rank = assign_clients(cfg.clients, world, plan.client_sizes())
+    shards, test_set, val_set = load_shards(plan, clients_by_rank[rank])
+    byzantine = set(byzantine_clients(cfg.clients, cfg.byzantine, cfg.seed))
+    if cfg.byzantine_attack == "label-flip":
+        shards = {cid: flip_labels(s, plan.num_classes) if cid in byzantine else s for cid, s in shards.items()}
+    # Once, to the device: batches are then indexed and converted there (no per-batch copies).
+    shards = {cid: shard.to(device) for cid, shard in shards.items()}
+    test_set = on_device(*test_set, cfg.eval_samples, device)
+    val_set = on_device(*val_set, cfg.eval_samples, device)
+    data_ready_at = time.time()
+
+    torch.manual_seed(cfg.seed)  # same initial global model on every rank
+    model = prepare_model(build_model(cfg.model, plan.shape, plan.num_classes), device, precision)
+    check_device(model, device, plan.use_gpu)
+    writer_rank = agree_on_storage_rank(plan.storage, cfg.storage_path, device)
+    first_round, best, planned = restore_state(model, writer_rank, device)
+    global_vec, spec = flatten_state(model.state_dict())
+    identity = {**worker_identity(device), "writes_checkpoints": rank == writer_rank, "precision": precision,
+                "deterministic": torch.are_deterministic_algorithms_enabled(), "precision_reason": precision_reason,
+                "loop_started_at": loop_started_at, "data_ready_at": data_ready_at}
+    planner = RoundPlanner(cfg, plan.deadline, device)
+    planner.restore(planned)
+    return Worker(plan=plan, cfg=cfg, rank=rank, device=device, model=model, spec=spec,
+                  clients_by_rank=clients_by_rank, shards=shards, test_set=test_set, val_set=val_set,
+                  byzantine=byzantine, trainable=trainable_mask(model).to(device) if byzantine else None,
+                  local_cfg=local_training_config(cfg, plan.augment, precision), writer_rank=writer_rank,
+                  identity=identity, first_round=first_round, global_vec=global_vec.to(device), best=best,
+                  planner=planner)
+
+
+def plan_round(w: Worker, round_: int, late: bool) -> RoundPlan:
+    """The round's lr, epsilon and attack from the schedules, its participants, and which
+    splits it scores (what_to_score)."""
+    cfg, total_rounds = w.cfg, w.planner.total_rounds
+    # With --time-budget the schedules follow the current plan; else the run's first --rounds.
+    planned = total_rounds if w.planner.deadline is not None else cfg.schedule_rounds
+    at = schedule_round(round_, planned)
+    epsilon = epsilon_at(round_, cfg.epsilon, cfg.eps_warmup_rounds)
+    # The stronger late attack, once it starts, stays (a re-plan never takes it back).
+    late = late or (cfg.late_attack_steps is not None and late_phase(at, planned, cfg.late_attack_from))
+    steps, step_size = ((cfg.late_attack_steps, cfg.late_step_size or cfg.step_size) if late
+                        else (cfg.attack_steps, cfg.step_size))
+    local_cfg = dataclasses.replace(w.local_cfg, lr=lr_at(at, planned, cfg.lr, cfg.lr_schedule), epsilon=epsilon,
+                                    attack_steps=steps, step_size=step_size * epsilon / max(cfg.epsilon, 1e-12))
+    score_val, score_test = what_to_score(round_, total_rounds, w.planner.eval_every, cfg.test_every,
+                                          w.val_set is not None, w.planner.deadline is not None)
+    return RoundPlan(round_, local_cfg, late, set(sample_clients(cfg.clients, cfg.client_fraction, cfg.seed, round_)),
+                     w.planner.eval_every, score_val, score_test)
+
+
+def what_to_score(round_: int, last_round: int, eval_every: int, test_every: int, has_val: bool,
+                  budgeted: bool) -> Tuple[bool, bool]:
+    """(score the validation set, score the test set) in a round. Validation (it chooses the
+    best models) at every evaluated round; the test set, which only reports, every
+    test_every of them and at the last round, always scored in full. Round 1 is evaluated
+    (it times evaluation for the planner; a budget's plan needs the test's time too), but
+    not the first round after a restart: an uninterrupted run would not have evaluated it,
+    and its score could pick another best model."""
+    if round_ == last_round:
+        return has_val, True
+    if not (round_ == 1 or round_ % eval_every == 0):
+        return False, False
+    return has_val, (not has_val or round_ % (eval_every * test_every) == 0 or (round_ == 1 and budgeted))
+
+
+def train_my_clients(w: Worker, plan: RoundPlan) -> ClientUpdates:
+    """Local adversarial training of this worker's clients that take part, each from the
+    global model; a Byzantine client's update is corrupted here."""
+    cfg = w.cfg
+    mine = [c for c in w.my_clients if c in plan.participants]
+    updates = ClientUpdates(cfg.aggregator, w.global_vec.numel(), len(mine), w.device)
+    for cid in mine:
+        w.model.load_state_dict(unflatten_state(w.global_vec, w.spec))
+        loss = train_client(w.model, w.shards[cid], plan.local_cfg, generator_for(cfg.seed, plan.round, cid), w.device)
+        update = flatten_state(w.model.state_dict())[0]
+        if cid in w.byzantine:
+            update = corrupt_update(cfg.byzantine_attack, update, w.global_vec,
+                                    generator_for(cfg.seed, plan.round, cid, BYZANTINE_STREAM), w.trainable)
+        updates.add(cid, update, client_weight(cfg.client_weighting, len(w.shards[cid])), loss)
+    return updates
+
+
+def aggregate(w: Worker, plan: RoundPlan, updates: ClientUpdates):
+    """All workers' client models into the new global model (loaded into w.model); returns
+    (client ids, their weights, their losses)."""
+    cfg = w.cfg
+    taking_part = [[c for c in block if c in plan.participants] for block in w.clients_by_rank]
+    ids, weights, losses, aggregated = updates.aggregate(taking_part, cfg.trim_ratio, cfg.aggregator_f,
+                                                         cfg.sfat_alpha, cfg.sfat_topk)
+    w.global_vec = server_step(w.global_vec, aggregated, cfg.server_lr)
+    if not torch.isfinite(w.global_vec).all():
+        raise FloatingPointError(f"round {plan.round}: the aggregated model has NaN/inf parameters "
+                                 "(try a smaller --lr); the last good checkpoint is kept")
+    w.model.load_state_dict(unflatten_state(w.global_vec, w.spec))
+    return ids, weights, losses
+
+
+def unscored(w: Worker) -> dict:
+    """A round's scores before any split is scored (a round that scores none reports these)."""
+    return {"natural_acc": None, "robust_acc": None, "eval_images": 0,
+            **({"val_natural_acc": None, "val_robust_acc": None} if w.val_set is not None else {})}
+
+
+def score_round(w: Worker, round_: int, val: bool, test: bool) -> Tuple[dict, Optional[float], Optional[float]]:
+    """(scores, validation seconds, test seconds) of the global model on the splits asked
+    for (sharded over the workers; None: not scored). Validation scores are val_*: they
+    choose the best models; test scores only report (they choose only without a validation
+    set)."""
+    cfg = w.cfg
+    batch_size = eval_batch_size_for(cfg.eval_batch_size, w.device.type == "cuda")
+
+    def score_set(x, y) -> dict:
+        return evaluate_distributed(w.model, x, y, epsilon=cfg.epsilon, step_size=cfg.eval_step_size,
+                                    steps=cfg.eval_steps, batch_size=batch_size, seed=cfg.seed,
+                                    round_=round_, device=w.device, num_classes=w.plan.num_classes)
+
+    scores, val_s, test_s = {}, None, None
+    if val and w.val_set is not None:
+        t = time.perf_counter()
+        v = score_set(*w.val_set)
+        scores.update({"val_natural_acc": v["natural_acc"], "val_robust_acc": v["robust_acc"],
+                       "val_images": v["eval_images"]})
+        val_s = time.perf_counter() - t
+    if test:
+        t = time.perf_counter()
+        scores.update(score_set(*w.test_set))
+        test_s = time.perf_counter() - t
+    return scores, val_s, test_s
+
+
+def report(w: Worker, record: dict, closing: bool) -> float:
+    """Mark the round's new best models, print the worker's line, and report the round to Ray
+    Train, with a checkpoint from the storage rank when one is due; returns the seconds the
+    report took."""
+    import ray.train
+
+    cfg, round_ = w.cfg, record["round"]
+    record["chosen_on"] = w.chooses
+    prefix = "val_" if w.chooses == "val" else ""  # the test set never chooses when there is a validation set
+    new_best = {kind: improves(w.best[kind], record[f"{prefix}{kind}_acc"]) for kind in ("natural", "robust")}
+    for kind in ("natural", "robust"):
+        if new_best[kind]:
+            w.best[kind] = {"value": record[f"{prefix}{kind}_acc"], "round": round_}
+    record["best_natural"], record["best_robust"] = new_best["natural"], new_best["robust"]
+
+    wants_checkpoint = round_ % cfg.checkpoint_every == 0 or closing or new_best["natural"] or new_best["robust"]
+    metrics = {**record, "worker": w.identity}
+    # The dashboard's Logs page shows each worker's stdout: one readable line per round.
+    print(worker_round_line(w.rank, w.identity["node_ip"], record, w.planner.known), flush=True)
+    t_report = time.perf_counter()
+    if w.rank == w.writer_rank and wants_checkpoint:
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(d, w.model, record, w.best, cfg.model, w.plan.shape, w.plan.num_classes,
+                            w.planner.plan())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        ray.train.report(metrics)
+    return time.perf_counter() - t_report
 
 
 class RoundPlanner:

@@ -157,7 +157,9 @@ def test_corrupt_checkpoints_give_a_one_line_error_naming_the_file(tmp_path, mak
 
 
 def test_nan_stops_the_run_with_a_clear_error_and_keeps_what_was_written(tmp_path, ray_session):
-    with pytest.raises(SystemExit) as e:
+    from ray_fedat.errors import RunFailed
+
+    with pytest.raises(RunFailed) as e:
         train(tmp_path, "nan", "--model", "mlp", "--lr", "1e12", "--rounds", "3")
     assert e.value.code == 1
     with open(tmp_path / "nan" / "summary.json") as f:

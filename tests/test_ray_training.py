@@ -181,7 +181,7 @@ def test_dirichlet_four_clients_on_two_workers_reports_client_statistics(tmp_pat
     assert any(0 in c["class_counts"] for c in summary["clients"])
 
 
-def no_ddp_loop(payload):
+def no_ddp_loop(config):
     import torch.nn.parallel
 
     def refuse(*args, **kwargs):
@@ -190,7 +190,7 @@ def no_ddp_loop(payload):
     torch.nn.parallel.DistributedDataParallel.__init__ = refuse
     from ray_fedat.worker import train_loop_per_worker
 
-    train_loop_per_worker(payload)
+    train_loop_per_worker(config)
 
 
 def test_no_ddp_wrapper_is_created_during_federated_training(tmp_path, ray_session, monkeypatch):
@@ -224,12 +224,12 @@ def test_npz_on_nodes_real_mnist_two_workers(tmp_path, ray_session, mnist_npz):
 
 
 @pytest.mark.slow
-def test_a_failed_final_attack_fails_the_run_and_resume_runs_only_the_attack(tmp_path, ray_session, monkeypatch,
-                                                                             capsys):
+def test_a_failed_final_attack_fails_the_run_and_resume_runs_only_the_attack(tmp_path, ray_session, monkeypatch):
     """The run is `attacking` (not finished) while its final attack runs; a final attack that
     fails fails the run (exit 1, status failed, the reason in one line); --resume of that run,
     whose rounds are all done, trains nothing and runs the final attack again."""
-    import ray_fedat.train as train_module
+    import ray_fedat.final_attack as final_attack
+    from ray_fedat.errors import RunFailed
 
     seen = []
 
@@ -238,17 +238,16 @@ def test_a_failed_final_attack_fails_the_run_and_resume_runs_only_the_attack(tmp
             seen.append(json.load(f)["status"])
         return {"attack": "PGD-100", "error": "RayTaskError(OSError): the attack's node was lost"}
 
-    monkeypatch.setattr(train_module, "run_final_attack", lost)
+    monkeypatch.setattr(final_attack, "run_final_attack", lost)
     flags = ["--dataset", "digits", "--storage-path", str(tmp_path), "--name", "r", "--rounds", "2",
              "--final-attack", "pgd-100", "--final-samples", "50"]
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(RunFailed) as e:
         run(parse_config(flags))
     run_dir = os.path.join(str(tmp_path), "r")
-    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ray_fedat: error:")]
     assert e.value.code == 1 and seen == ["attacking"]
-    assert errors == [f"ray_fedat: error: final attack PGD-100 failed: RayTaskError(OSError): the attack's node was "
-                      f"lost (the trained models are kept in {run_dir}; --resume {run_dir} runs the final attack "
-                      "again)"]
+    assert str(e.value) == (f"final attack PGD-100 failed: RayTaskError(OSError): the attack's node was "
+                            f"lost (the trained models are kept in {run_dir}; --resume {run_dir} runs the final attack "
+                            "again)")
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     assert summary["status"] == "failed" and summary["rounds_completed"] == 2 and summary["headline"] is None

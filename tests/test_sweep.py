@@ -12,7 +12,7 @@ import pytest
 
 from ray_fedat.config import parse_config
 from ray_fedat.errors import ConfigError
-from ray_fedat.sweep import (ErrorLine, concurrent_runs, eta_seconds, expand_grid, failed_runs_line,
+from ray_fedat.sweep import (concurrent_runs, eta_seconds, expand_grid, failed_runs_line,
                              final_samples_clash, flags_to_argv, plan_runs, read_grid_file, record_failure, run_state,
                              sweep_record)
 from ray_fedat.sweep_table import cell_row, format_csv, format_markdown, write_table
@@ -139,19 +139,6 @@ def test_a_run_that_failed_before_its_summary_is_recorded_failed(tmp_path):
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["rounds_completed"] == 3 and "started" not in summary
     assert run_state(str(cut), retry_failed=True)[0] == "resume"
-
-
-def test_the_error_line_of_train_fail_is_kept_and_everything_passes_through():
-    import io
-
-    out = io.StringIO()
-    errors = ErrorLine(out)
-    print("some warning", file=errors)
-    errors.write("ray_fedat: error: --device cuda needs 2 GPUs")
-    assert errors.last is None  # the line is not complete yet
-    errors.write(" in the cluster\nmore\n")
-    assert errors.last == "--device cuda needs 2 GPUs in the cluster"
-    assert out.getvalue() == "some warning\nray_fedat: error: --device cuda needs 2 GPUs in the cluster\nmore\n"
 
 
 def test_failed_runs_are_one_line_and_final_samples_must_stay_the_same(tmp_path):
@@ -337,11 +324,11 @@ def test_runs_that_fail_before_their_summary_are_recorded_failed_not_retried(tmp
 
 @pytest.mark.ray
 def test_a_run_inside_a_ray_worker_uses_that_ray(ray_session):
-    """A Tune trial is a Ray worker: train.run's connect_ray must reuse its Ray, not start or
+    """A Tune trial is a Ray worker: launch.connect_ray must reuse its Ray, not start or
     shut down one."""
     import ray
 
-    from ray_fedat.train import connect_ray
+    from ray_fedat.launch import connect_ray
 
     cfg = parse_config(["--dataset", "digits", "--workers", "1"])
 
