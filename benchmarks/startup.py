@@ -4,7 +4,7 @@
 
 Runs the real CLI (`python -m ray_fedat.train`, digits, 2 workers, 3 rounds, a local Ray,
 `--final-attack none`: the final attack is work, not start-up) in a child process whose
-driver functions are wrapped with timers (parse_config, connect_ray, build_payload, the
+driver functions are wrapped with timers (parse_config, connect_ray, build_worker_plan, the
 fit, ray.shutdown); the workers' own timestamps (their loop start, data ready, round starts
 and ends) come from summary.json and metrics.jsonl. Prints one row per phase and the total
 outside the rounds, which issue 24 wants at or under 6 s. With --variant, every run is
@@ -27,6 +27,7 @@ CHILD = r"""
 import json, sys, time
 t_exec = time.time()
 import ray
+import ray_fedat.launch as L
 import ray_fedat.train as T
 
 marks = {"exec": t_exec, "imported": time.time()}
@@ -41,9 +42,9 @@ def timed(name, fn):
     return wrapper
 
 T.parse_config = timed("parse", T.parse_config)
-T.prepare_data = timed("data", T.prepare_data)
+L.prepare_data = timed("data", L.prepare_data)  # launch.describe_data calls it
 T.connect_ray = timed("ray_start", T.connect_ray)
-T.build_payload = timed("payload", T.build_payload)
+T.build_worker_plan = timed("payload", T.build_worker_plan)
 T.fit_with_progress = timed("fit", T.fit_with_progress)
 ray.shutdown = timed("shutdown", ray.shutdown)
 try:
