@@ -66,21 +66,42 @@ def test_bad_values_raise_config_error(argv):
     (["--dataset", "digits", "--epsilon", "eight"], "is not a number or a fraction"),
     (["--dataset", "digits", "--wrokers", "2"], "unrecognized arguments"),
 ])
-def test_cli_rejects_bad_input_with_one_line_before_ray_starts(argv, expected):
+def test_cli_rejects_bad_input_with_one_line_before_ray_starts(argv, expected, capsys, monkeypatch):
+    """In-process: main() prints the mistake as one line and exits 2 before it would connect to Ray."""
+    import ray_fedat.train as train
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a bad flag must be refused before Ray starts")
+
+    monkeypatch.setattr(train, "connect_ray", no_ray)
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    out, err = capsys.readouterr()
+    err_lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(err_lines) == 1, err
+    assert expected in err_lines[0] and out == ""
+
+
+@pytest.mark.slow
+def test_the_cli_refuses_a_bad_flag_without_importing_ray():
+    """The real process: one line, exit 2, no traceback, and Ray never imported."""
     code = ("import sys\nfrom ray_fedat.train import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
             "    print('exit', e.code, 'ray-imported', 'ray' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code, "--dataset", "digits", "--rounds", "0"], capture_output=True,
+                          text=True, timeout=120)
     err_lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(err_lines) == 1, proc.stderr
-    assert expected in err_lines[0]
-    assert "Traceback" not in proc.stderr
+    assert len(err_lines) == 1 and "--rounds must be >= 1" in err_lines[0], proc.stderr
     assert proc.stdout.strip() == "exit 2 ray-imported False"
 
 
-def test_help_documents_every_public_flag():
-    out = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--help"], capture_output=True, text=True,
-                         timeout=120).stdout
+def test_help_documents_every_public_flag(capsys):
+    from ray_fedat.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
     for flag in ["--dataset", "--data-file", "--data-dir", "--download", "--no-download", "--clients", "--partition",
                  "--beta", "--rounds", "--local-epochs", "--batch-size", "--lr", "--momentum", "--weight-decay",
                  "--method", "--epsilon", "--step-size", "--attack-steps", "--eval-steps", "--model", "--workers",

@@ -200,7 +200,9 @@ def test_a_cell_averages_finished_runs_and_shows_the_failed_one():
     assert nothing["n"] == 0 and nothing["status"] == "s0 not run" and nothing["natural"]["mean"] is None
 
 
-def test_table_files_and_report_sweep(tmp_path):
+def test_table_files_and_report_sweep(tmp_path, capsys):
+    from ray_fedat import report
+
     grid = expand_grid({"dataset": "digits", "method": ["pgd", "trades"], "seed": [0, 1]})
     runs = plan_runs(grid, str(tmp_path))
     with open(tmp_path / "sweep.json", "w") as f:
@@ -210,31 +212,32 @@ def test_table_files_and_report_sweep(tmp_path):
     write_summary(tmp_path / "trades_s0", status="running")
     paths = write_table(str(tmp_path))
     assert open(paths["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    proc = subprocess.run([sys.executable, "-m", "ray_fedat.report", "--sweep", str(tmp_path)], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "| pgd | 2/2 | 85.0 ± 7.1 | 55.0 ± 7.1 |" in proc.stdout
-    assert "| trades | 0/2 |" in proc.stdout and "s0 unfinished; s1 not run" in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "ray_fedat.report", "--sweep", str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "no sweep.json" in bad.stderr and "Traceback" not in bad.stderr
+    capsys.readouterr()
+    report.main(["--sweep", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| pgd | 2/2 | 85.0 ± 7.1 | 55.0 ± 7.1 |" in out
+    assert "| trades | 0/2 |" in out and "s0 unfinished; s1 not run" in out
+    with pytest.raises(SystemExit) as e:
+        report.main(["--sweep", str(tmp_path / "nope")])
+    assert e.value.code == 2 and "no sweep.json" in capsys.readouterr().err
 
 
-def test_dry_run_prints_cells_and_runs_and_bad_grids_are_one_line(tmp_path):
+def test_dry_run_prints_cells_and_runs_and_bad_grids_are_one_line(tmp_path, capsys):
+    from ray_fedat import sweep
+
     grid = tmp_path / "g.yaml"
     grid.write_text(f"dataset: digits\nworkers: 1\nmethod: [pgd, trades]\nseed: [0, 1]\nstorage-path: {tmp_path}\n")
-    proc = subprocess.run([sys.executable, "-m", "ray_fedat.sweep", str(grid), "--dry-run"], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "2 cell(s) x 2 seed(s) = 4 runs" in proc.stdout and "cell trades: " in proc.stdout
-    assert "run trades_s1: new" in proc.stdout and "--method trades --seed 1 --name trades_s1" in proc.stdout
+    sweep.main([str(grid), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "2 cell(s) x 2 seed(s) = 4 runs" in out and "cell trades: " in out
+    assert "run trades_s1: new" in out and "--method trades --seed 1 --name trades_s1" in out
     assert not (tmp_path / "g").exists()  # nothing started, nothing written
     grid.write_text("dataset: digits\nmethod: [pgd, nope]\n")
-    bad = subprocess.run([sys.executable, "-m", "ray_fedat.sweep", str(grid), "--dry-run"], capture_output=True,
-                         text=True, timeout=300)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines() == ["ray_fedat: error: run nope_s0: --method 'nope' is not one of "
-                                               "calfat, trades, mart, pgd, fgsm-rs, natural"]
+    with pytest.raises(SystemExit) as e:
+        sweep.main([str(grid), "--dry-run"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["ray_fedat: error: run nope_s0: --method 'nope' is not "
+                                                            "one of calfat, trades, mart, pgd, fgsm-rs, natural"]
 
 
 def sweep_command(grid):
