@@ -11,7 +11,7 @@ import os
 from typing import Optional, Sequence
 
 from .defaults import (AGGREGATORS, BYZANTINE_ATTACKS, CALFAT_PAPER_SCALE, CLIENT_WEIGHTINGS, DATASETS, FINAL_ATTACKS,
-                       METHODS, PARTITIONS, PRECISIONS)
+                       METHODS, PARTITIONS, PRECISIONS, TRACK_ARTIFACTS, TRACKERS)
 from .errors import ConfigError
 from .run_config import RunConfig
 from .schedule import LR_SCHEDULES
@@ -201,13 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address the local Ray's dashboard listens on (default 127.0.0.1: this machine only)")
     g.add_argument("--dry-run", action="store_true", help="print the resolved config and partition table, then exit")
     g.add_argument("--verbose", action="store_true", help="show Ray's own logs on the console")
+    g = p.add_argument_group("experiment tracking (pip install -e \".[track]\"; only the driver logs)")
+    g.add_argument("--track", default=d.track, metavar="TRACKER",
+                   help=f"log the run's parameters, rounds, headline and files to {' and/or '.join(TRACKERS)} "
+                   "(comma-separated, e.g. mlflow,wandb); wandb is offline unless WANDB_API_KEY or `wandb login` "
+                   "says otherwise; the experiment (W&B project) is $MLFLOW_EXPERIMENT_NAME ($WANDB_PROJECT), else "
+                   "ray_fedat; a tracker that cannot be reached is one line and the run goes on")
+    g.add_argument("--track-uri", default=None, metavar="URI",
+                   help="MLflow: a tracking server's URL (http://host:5000), any MLflow tracking URI, or a local "
+                   "directory for an sqlite store and its artifacts (default: ./mlruns)")
+    g.add_argument("--track-artifacts", default=d.track_artifacts,
+                   help=f"files logged at the end, one of {', '.join(TRACK_ARTIFACTS)}: all = curves.png, summary.json "
+                   "and the final and best models; small = without the models")
     return p
 
 
 # What a resumed run may change: how long and where it runs, not what it learns.
 RESUMABLE = ("rounds", "workers", "worker_nodes", "cpus_per_worker", "device", "address", "max_failures", "eval_every",
              "checkpoint_every", "keep_checkpoints", "dashboard", "dashboard_host", "verbose", "print_config",
-             "final_attack", "final_samples", "test_every")
+             "final_attack", "final_samples", "test_every", "track", "track_uri", "track_artifacts")
 
 
 def explicit_flags(argv: Optional[Sequence[str]]) -> dict:

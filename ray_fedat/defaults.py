@@ -19,6 +19,8 @@ DATA_ON = ("driver", "nodes")
 ATTACK_STARTS = ("gaussian", "uniform")  # see attacks.kl_attack
 PRECISIONS = ("auto", "fp32", "bf16")  # see precision.py
 FINAL_ATTACKS = ("none", "pgd-100", "apgd", "autoattack")  # see final_attack.py
+TRACKERS = ("mlflow", "wandb")  # --track names one or both (comma-separated), or none; see tracking.py
+TRACK_ARTIFACTS = ("all", "small", "none")  # all: + final and best models; small: curves.png and summary.json
 CALFAT_PAPER_SCALE = 10.0  # s in the CalFAT authors' code: cross_entropy(s * (z + 0.1 log n_c), y)
 
 

@@ -60,6 +60,29 @@ def native_cpu_bf16(cpuinfo_text: Optional[str], onednn_bf16: bool) -> Tuple[boo
     return False, f"this CPU has no {'/'.join(CPU_NATIVE_BF16_FLAGS)}: bf16 would be emulated"
 
 
+def cpu_model_name(cpuinfo_text: str) -> Optional[str]:
+    """The first CPU's model in /proc/cpuinfo's text (x86 "model name", some arm64 "Model"), or None."""
+    for line in cpuinfo_text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model") and value.strip():
+            return value.strip()
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    """What computes: the GPU's name, or the CPU's model (summary.json's workers, the trackers' params)."""
+    import platform
+
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    try:
+        with open(CPUINFO) as f:
+            name = cpu_model_name(f.read())
+    except OSError:
+        name = None
+    return name or platform.processor() or platform.machine() or "unknown CPU"
+
+
 def onednn_bf16() -> bool:
     """Whether this torch's oneDNN has bf16 kernels for this CPU."""
     try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .defaults import (AGGREGATORS, CLIENT_WEIGHTINGS, ATTACK_STARTS, BYZANTINE_ATTACKS, DATA_ON, DATASET_DEFAULTS, DATASETS, DEVICES,
-                       FINAL_ATTACKS, METHODS, PARTITIONS, PRECISIONS)
+                       FINAL_ATTACKS, METHODS, PARTITIONS, PRECISIONS, TRACK_ARTIFACTS, TRACKERS)
 from .errors import ConfigError
 from .schedule import LR_SCHEDULES
 
@@ -101,6 +101,10 @@ class RunConfig:
     dashboard_host: str = "127.0.0.1"
     dry_run: bool = False
     verbose: bool = False
+    # experiment tracking (tracking.py; only the driver logs)
+    track: str = "none"  # "none", or trackers from TRACKERS, comma-separated: "mlflow", "wandb", "mlflow,wandb"
+    track_uri: Optional[str] = None  # MLflow: a tracking URI, or a local directory (None: ./mlruns)
+    track_artifacts: str = "all"
 
     def resolved(self) -> "RunConfig":
         """A copy with every per-dataset default filled in (from --preset when given)."""
@@ -222,11 +226,44 @@ class RunConfig:
             need(len(self.worker_node_list()) == self.workers,
                  f"--worker-nodes names {len(self.worker_node_list())} node(s) for {self.workers} worker(s); "
                  "give one node IP per worker, in rank order")
+        self.validate_tracking()
         from .storage import is_uri
 
         need(not is_uri(self.output_dir), f"--output-dir {self.output_dir} must be a local directory "
              "(the run's metrics and models are written on the driver's machine)")
         return self
+
+    def trackers(self) -> list:
+        """The trackers --track names, in order ([] for none)."""
+        names = [t.strip().lower() for t in str(self.track or "none").split(",") if t.strip()]
+        return [] if names == ["none"] else names
+
+    def validate_tracking(self) -> None:
+        """--track, --track-uri and --track-artifacts: known trackers whose libraries are
+        installed, and a URI without credentials (it is recorded in summary.json and logged)."""
+        import importlib.util
+
+        from .errors import redact_secrets
+
+        names = self.trackers()
+        for name in names:
+            if name not in TRACKERS:
+                raise ConfigError(f"--track {self.track!r}: {name!r} is not one of none, {', '.join(TRACKERS)} "
+                                  "(or both, comma-separated)")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--track {self.track!r} names a tracker twice")
+        for name in names:
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError(f"--track {name}: the {name} library is not installed; pip install -e \".[track]\"")
+        if self.track_artifacts not in TRACK_ARTIFACTS:
+            raise ConfigError(f"--track-artifacts {self.track_artifacts!r} is not one of {', '.join(TRACK_ARTIFACTS)}")
+        if self.track_uri is not None:
+            if "mlflow" not in names:
+                raise ConfigError(f"--track-uri is MLflow's tracking URI: it needs --track mlflow (got --track {self.track})")
+            if redact_secrets(self.track_uri) != self.track_uri:
+                raise ConfigError(f"--track-uri {redact_secrets(self.track_uri)}: credentials in the tracking URI are "
+                                  "refused (it is recorded in summary.json and logged); give them to MLflow in "
+                                  "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
 
     def worker_node_list(self) -> Optional[list]:
         return None if self.worker_nodes is None else [n.strip() for n in self.worker_nodes.split(",") if n.strip()]
@@ -236,9 +273,13 @@ class RunConfig:
         Ray Train workers run in their own working directory. Storage URIs stay as given."""
         from .storage import absolute
 
+        track_uri = self.track_uri
+        if "mlflow" in self.trackers():  # a local directory (./mlruns when not given) is absolute too
+            track_uri = track_uri if track_uri is not None and is_tracking_uri(track_uri) else \
+                absolute(track_uri or DEFAULT_MLFLOW_DIR)
         return dataclasses.replace(self, data_dir=absolute(self.data_dir), data_file=absolute(self.data_file),
                                    storage_path=absolute(self.storage_path), output_dir=absolute(self.output_dir),
-                                   resume=absolute(self.resume))
+                                   resume=absolute(self.resume), track_uri=track_uri)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -247,6 +288,15 @@ class RunConfig:
     def from_dict(cls, d: dict) -> "RunConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+DEFAULT_MLFLOW_DIR = "mlruns"  # --track mlflow without --track-uri: a local store in ./mlruns (mlflow.db and artifacts)
+
+
+def is_tracking_uri(uri: str) -> bool:
+    """An MLflow tracking URI (http://..., sqlite:///..., databricks, file:...) rather than a
+    local directory to keep a store in."""
+    return "://" in uri or uri.split(":", 1)[0] in ("databricks", "file", "sqlite", "postgresql", "mysql", "uc")
 
 
 def recipe_rounds_warning(cfg: "RunConfig", planned_rounds: int) -> Optional[str]:

@@ -39,7 +39,7 @@ from .run_config import RunConfig, eval_batch_size_for
 from .federation import ClientUpdates, assign_clients, generator_for, sample_clients, world_and_rank
 from .models import build_model
 from .monitoring import worker_round_line
-from .precision import configure_backends, prepare_model, run_precision
+from .precision import configure_backends, device_name, prepare_model, run_precision
 from .schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds, schedule_round
 from .storage import RankStorage, sees_marker, storage_rank
 
@@ -74,7 +74,7 @@ def worker_identity(device: torch.device) -> Dict:
     ctx = ray.get_runtime_context()
     return {"rank": world_and_rank()[1], "node_id": ctx.get_node_id(),
             "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname(), "pid": os.getpid(),
-            "device": str(device)}
+            "device": str(device), "device_name": device_name(device)}
 
 
 def agree_on_storage_rank(storage: StorageCheck, storage_path: str, device: torch.device) -> int:
