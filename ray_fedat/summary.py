@@ -32,16 +32,31 @@ def save_final_model(run_dir: str, result, records: List[dict]) -> Optional[str]
     return "final_model.pt"
 
 
-def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: str, wall_s: float = 0.0,
+def write_summary(run_dir: str, *args, write: bool = True, **kwargs) -> dict:
+    """summary.json (build_summary's arguments): written when the run starts (so an interrupted run can be resumed)
+    and again when it ends. `status`: running, attacking (the rounds are done, the final
+    attack is under way), then finished (only after the final attack), failed or interrupted.
+    With write=False only built (save_summary writes it later: train.run logs the final
+    summary to the trackers first, so a finished summary.json means a finished tracker run)."""
+    summary = build_summary(run_dir, *args, **kwargs)
+    if write:
+        save_summary(run_dir, summary)
+    return summary
+
+
+def save_summary(run_dir: str, summary: dict) -> None:
+    from .recorder import atomic_write_text
+
+    atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
+
+
+def build_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: str, wall_s: float = 0.0,
                   final_model: Optional[str] = None, error: Optional[str] = None,
                   launched: Optional[float] = None, storage: Optional[str] = None,
                   run_name: Optional[str] = None, val_images: int = 0, final_attack: Optional[dict] = None) -> dict:
-    """summary.json: written when the run starts (so an interrupted run can be resumed)
-    and again when it ends. `status`: running, attacking (the rounds are done, the final
-    attack is under way), then finished (only after the final attack), failed or interrupted."""
     from .byzantine import byzantine_clients
     from .federation import assign_clients
-    from .recorder import WORKERS_FILE, atomic_write_text, best_rounds, read_metrics
+    from .recorder import WORKERS_FILE, best_rounds, read_metrics
 
     records = read_metrics(run_dir)
     workers_path = os.path.join(run_dir, WORKERS_FILE)
@@ -80,7 +95,6 @@ def write_summary(run_dir: str, cfg: RunConfig, counts, placement: str, status: 
             "eval_every": records[-1].get("eval_every") if records else None,
             "elapsed_s": (time.time() - launched) if launched else None,  # from CLI start: data and Ray included
         }
-    atomic_write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=1))
     return summary
 
 

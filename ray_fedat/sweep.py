@@ -33,7 +33,7 @@ from .sweep_table import SWEEP_FILE
 # Keys a grid may not set: the sweep chooses them for every run.
 SWEEP_OWNED = ("name", "output_dir", "resume", "config", "print_config", "dry_run")
 # Keys that must be the same for every run: where the sweep's Ray and directory are.
-SHARED_ONLY = ("storage_path", "address", "dashboard", "dashboard_host")
+SHARED_ONLY = ("storage_path", "address", "dashboard", "dashboard_host", "track", "track_uri")
 # Keys that must be the same for every run so that their numbers compare, and why.
 COMPARABLE_ONLY = {"final_samples": "every run's final attack must score the same test images for the robust "
                                     "accuracies of the table to compare"}
@@ -310,7 +310,7 @@ def sweep_trial(config: dict, runs: Dict[str, dict]) -> dict:
     cfg = None
     try:
         cfg = parse_config(config["argv"])
-        summary = run(cfg, callbacks=[TuneReportCallback()])
+        summary = run(cfg, callbacks=[TuneReportCallback()], tracking=config.get("tracking"))
         return {"status": summary.get("status", "finished"), "run": config["name"]}
     except ConfigError as e:  # before training: no summary says why
         record_failure(run_dir, str(e), cfg.to_dict() if cfg else None)
@@ -363,6 +363,7 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
     from ray import tune
 
     from .launch import REPORT_POLL_INTERVAL_S, connect_ray
+    from .tracking import finish_sweep_tracking, run_context, start_sweep_tracking
 
     todo = [r for r in runs if r.state in ("new", "resume")]
     cfgs = {r.name: parse_config(r.argv) for r in todo}
@@ -380,7 +381,12 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
             shutil.rmtree(run_dir)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
     first = next(iter(cfgs.values()))
-    where, owns_ray = connect_ray(first, os.path.basename(sweep_dir))
+    sweep_name = os.path.basename(sweep_dir)
+    where, owns_ray = connect_ray(first, sweep_name)
+    # --track: one experiment (W&B group) for the sweep, a parent run for its table; never raises.
+    tracking = start_sweep_tracking(first, sweep_dir, sweep_name)
+    cells = {c.name: c for c in grid.cells}
+    tune_ended = False
     try:
         concurrency = concurrent_runs(ray.cluster_resources(), [run_resources(c) for c in cfgs.values()],
                                       args.max_concurrent)
@@ -400,7 +406,10 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
         # disk, as the CLI does here.
         here = f"node:{ray.util.get_node_ip_address()}"
         runs_by_name = {r.name: {"name": r.name, "argv": r.argv, "run_dir": os.path.join(sweep_dir, r.name),
-                                 "cwd": os.getcwd()} for r in todo}
+                                 "cwd": os.getcwd(),
+                                 "tracking": run_context(sweep_name, tracking.ids(), r.cell, r.seed,
+                                                         cells[r.cell].values) if tracking.trackers else None}
+                        for r in todo}
         trainable = tune.with_resources(tune.with_parameters(sweep_trial, runs=runs_by_name),
                                          {"cpu": 0, "memory": DRIVER_MEMORY, here: 0.001})
         tuner = tune.Tuner(
@@ -412,11 +421,16 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
                 callbacks=[make_progress_callback(len(runs), len(runs) - len(todo), concurrency)]),
         )
         tuner.fit()
+        tune_ended = True
     finally:
         if owns_ray:
             ray.shutdown()
+        if not tune_ended:
+            tracking.end("interrupted")
     write_and_print_table(sweep_dir)
     left = [r.name for r in todo if run_state(os.path.join(sweep_dir, r.name))[0] not in DONE_STATUSES]
+    failed = any(run_state(os.path.join(sweep_dir, r.name))[0] == "failed" for r in runs)
+    finish_sweep_tracking(tracking, sweep_dir, "interrupted" if left else "failed" if failed else "finished")
     if left:  # Ctrl-C (Tune stops its trials), or a trial lost with its node
         raise RunFailed(f"{len(left)} run(s) not finished ({', '.join(left)}); the same command resumes them",
                         code=130)

@@ -79,10 +79,20 @@ CURVES_EVERY_S = 10.0
 
 
 def fit_with_progress(trainer, run_dir: str, total_rounds: int, started: float, rounds_before: int,
-                      title: str = "", cfg: Optional[RunConfig] = None):
-    """Run trainer.fit() in a thread while this (main) thread prints each round, redraws
-    curves.png now and then, and listens for Ctrl-C. Returns (result, error, interrupted)."""
-    from .recorder import draw_curves, read_metrics
+                      title: str = "", cfg: Optional[RunConfig] = None, tracking=None):
+    """Run trainer.fit() in a thread while this (main) thread prints each round, logs it to
+    the trackers (`tracking`, tracking.Trackers: here, never in the training thread or on a
+    worker), redraws curves.png now and then, and listens for Ctrl-C. Returns (result,
+    error, interrupted)."""
+    from .recorder import WORKERS_FILE, draw_curves, read_metrics
+
+    def log_rounds() -> None:
+        if tracking is not None and tracking.trackers:
+            try:
+                records = read_metrics(run_dir)
+            except (OSError, ValueError):  # caught mid-replace: next poll
+                return
+            tracking.log_rounds(records, os.path.join(run_dir, WORKERS_FILE))
 
     outcome = {}
 
@@ -100,20 +110,25 @@ def fit_with_progress(trainer, run_dir: str, total_rounds: int, started: float, 
         while thread.is_alive():
             thread.join(0.5)
             latest = print_new_rounds(run_dir, printed, total_rounds, started, rounds_before, cfg)
+            if latest != printed:
+                log_rounds()
             if latest != printed and time.monotonic() - drawn >= CURVES_EVERY_S:
                 draw_curves(run_dir, read_metrics(run_dir), title)
                 drawn = time.monotonic()
             printed = latest
     except KeyboardInterrupt:
         print_new_rounds(run_dir, printed, total_rounds, started, rounds_before, cfg)
+        log_rounds()
         return None, None, True
     print_new_rounds(run_dir, printed, total_rounds, started, rounds_before, cfg)
+    log_rounds()
     return outcome.get("result"), outcome.get("error"), False
 
 
-def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
+def run(cfg: RunConfig, callbacks: Sequence = (), tracking: Optional[dict] = None) -> dict:
     """Run one federated adversarial training job; returns the summary dict.
     `callbacks`: more Ray Train callbacks beside the run's recorder (a sweep adds Tune's).
+    `tracking`: a sweep's tracking.TrackContext for --track (as a dict: experiment, parent, tags).
     Raises ConfigError for a mistake found before training, RunFailed for a run that started
     and did not finish (its summary.json says why).
 
@@ -162,10 +177,12 @@ def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
     from .final_attack import attempt_final_attack, final_attack_error, record_final_attack
     from .precision import deterministic_env_vars
     from .recorder import RunRecorder, draw_curves, read_metrics
-    from .summary import save_final_model, write_summary
+    from .summary import save_final_model, save_summary, write_summary
+    from .tracking import artifact_files, start_run_tracking
     from .worker import train_loop_per_worker
 
     where, owns_ray = connect_ray(cfg, name)
+    trackers = None
     try:
         use_gpu, strategy, placement = plan_placement(cfg)
         pinned = pinned_nodes(cfg)  # before loading the data: an unknown IP is one line
@@ -173,6 +190,7 @@ def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         storage, selectors, storage_note = plan_storage_and_nodes(cfg, name, use_gpu, pinned)
         print_header(cfg, name, run_dir, where, placement, use_gpu, storage_note, owns_ray)
+        trackers = start_run_tracking(cfg, name, run_dir, tracking)  # the driver's; never raises
         title = f"{name}: {cfg.method} on {cfg.dataset}, {cfg.clients} clients ({cfg.partition})"
         # With --time-budget the workers plan their rounds to end before this wall-clock time.
         deadline = launched + training_share(cfg) * cfg.time_budget if cfg.time_budget else None
@@ -192,14 +210,14 @@ def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
                 callbacks=[RunRecorder(run_dir, title, run_name=name), *callbacks]),
         )
 
-        def summarise(status: str, **outcome) -> dict:
+        def summarise(status: str, write: bool = True, **outcome) -> dict:
             return write_summary(run_dir, cfg, counts, placement, status, launched=launched, storage=storage_note,
-                                 run_name=name, val_images=val_images, **outcome)
+                                 run_name=name, val_images=val_images, write=write, **outcome)
 
         summarise("running")
         started = time.time()
         result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started,
-                                                     len(read_metrics(run_dir)), title, cfg)
+                                                     len(read_metrics(run_dir)), title, cfg, trackers)
         status, error = "finished", None
         if interrupted:
             status, error = "interrupted", "interrupted by the user (Ctrl-C)"
@@ -220,8 +238,15 @@ def run(cfg: RunConfig, callbacks: Sequence = ()) -> dict:
                 status, error = "failed", final_attack_error(final_attack)
             else:
                 record_final_attack(run_dir, final_attack)
-        summary = summarise(status, wall_s=wall_s, final_model=final_model, error=error, final_attack=final_attack)
+        summary = summarise(status, write=False, wall_s=wall_s, final_model=final_model, error=error,
+                            final_attack=final_attack)
+        # The trackers get the end before summary.json says so: a run that reads finished has
+        # its tracker runs finished too (a sweep never resumes it to complete them).
+        trackers.finish(summary, artifact_files(run_dir, cfg.track_artifacts), status)
+        save_summary(run_dir, summary)
     finally:
+        if trackers is not None:
+            trackers.end("failed")  # only when the run ended before its summary (a no-op after finish)
         if owns_ray:
             ray.shutdown()
     if status == "interrupted":
