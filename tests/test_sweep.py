@@ -16,6 +16,7 @@ from ray_fedat.sweep import (concurrent_runs, eta_seconds, expand_grid, failed_r
                              final_samples_clash, flags_to_argv, plan_runs, read_grid_file, record_failure, run_state,
                              sweep_record)
 from ray_fedat.sweep_table import cell_row, format_csv, format_markdown, write_table
+from test_tracking import mlflow_server  # noqa: F401 - the real MLflow server the killed sweep logs to
 
 GRID = {"dataset": "digits", "workers": 1, "rounds": 2, "method": ["pgd", "trades"], "beta": [0.1, 0.5],
         "partition": "dirichlet", "seed": [0, 1]}
@@ -246,13 +247,16 @@ def sweep_command(grid):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path):
+def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path, mlflow_server):
     """2 methods x 2 seeds, 2 rounds, 1 worker per trial, two trials at once, PGD-100 at the end.
-    The driver is killed once the first run has finished; the same command runs the rest."""
+    The driver is killed once the first run has finished; the same command runs the rest.
+    The sweep logs to a real MLflow server: one experiment, a parent run with the table, one
+    run per cell and seed, and a run cut short goes on in the tracker run it started."""
     grid = tmp_path / "grid.yaml"
     grid.write_text(f"dataset: digits\nworkers: 1\nrounds: 2\nmethod: [pgd, trades]\nseed: [0, 1]\n"
                     f"attack-steps: 2\neval-steps: 2\neval-samples: 100\nval-fraction: 0\n"
                     f"final-attack: pgd-100\nfinal-samples: 50\n"
+                    f"track: mlflow\ntrack-uri: {mlflow_server}\ntrack-artifacts: small\n"
                     f"storage-path: {tmp_path}\n")
     sweep_dir = tmp_path / "grid"
     command = sweep_command(grid) + ["--max-concurrent", "2"]
@@ -272,6 +276,10 @@ def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path):
                 if run_state(str(sweep_dir / d))[0] == "finished"]  # the other may have ended meanwhile
     before = {d: (sweep_dir / d / "summary.json").stat().st_mtime for d in finished}
     unfinished = [d for d in ("pgd_s0", "pgd_s1", "trades_s0", "trades_s1") if d not in finished]
+    # The tracker runs started before the kill (a run's tracking.json is written after its summary.json).
+    tracked = {d: json.loads((sweep_dir / d / "tracking.json").read_text())["mlflow"]["run_id"]
+               for d in unfinished if (sweep_dir / d / "tracking.json").exists()}
+    parent_id = json.loads((sweep_dir / "tracking.json").read_text())["mlflow"]["run_id"]
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -295,6 +303,29 @@ def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path):
     for d in ("pgd_s0", "trades_s1"):
         records = [json.loads(ln) for ln in (sweep_dir / d / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [1, 2]
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(mlflow_server)
+    runs = mlflow.search_runs(experiment_names=["grid"], output_format="list")  # the sweep's experiment
+    finished_runs = {r.info.run_name: r for r in runs if r.info.status == "FINISHED"}
+    assert sorted(finished_runs) == ["grid", "pgd_s0", "pgd_s1", "trades_s0", "trades_s1"]
+    parent = finished_runs["grid"]
+    assert parent.info.run_id == parent_id  # the second invocation went on in the parent the first started
+    client = MlflowClient(mlflow_server)
+    assert {"table.md", "table.csv", "table.png"} <= {a.path for a in client.list_artifacts(parent_id)}
+    for name in ("pgd_s0", "pgd_s1", "trades_s0", "trades_s1"):
+        run = finished_runs[name]
+        tags = run.data.tags
+        assert (tags["method"], tags["seed"], tags["cell"], tags["mlflow.parentRunId"]) == \
+            (name.split("_")[0], name[-1], name.split("_")[0], parent_id)
+        assert run.data.metrics["robust_pgd_100"] == pytest.approx(
+            json.loads((sweep_dir / name / "summary.json").read_text())["headline"]["robust_acc"])
+        assert run.data.metrics["final_attack_images"] == 50
+    for name, run_id in tracked.items():  # cut short, resumed: the same tracker run, not a second one
+        assert finished_runs[name].info.run_id == run_id
+        assert [r.info.run_id for r in runs if r.info.run_name == name] == [run_id]
 
 
 @pytest.mark.ray
