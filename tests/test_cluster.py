@@ -68,6 +68,9 @@ def test_cluster_yaml_is_a_valid_launcher_config():
         validate_config(prepare_config(broken))
 
 
+NO_FINAL_ATTACK = ("--final-attack", "none")
+
+
 class NetnsCluster:
     """Two network namespaces ("hosts") joined by a veth pair on a private /24 that exists
     only between them. The worker host runs in its own mount namespace in which the
@@ -130,10 +133,11 @@ class NetnsCluster:
                               timeout=timeout, env=self.env(role, **extra_env))
 
     def train(self, *argv, timeout=600):
-        """The README's training command, on the head, with nothing but the user's HOME."""
+        """The README's training command, on the head, with nothing but the user's HOME. No final
+        attack: what these runs test is the cluster (the attack has its own tests)."""
         return self.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{self.ips['head']}:6379",
                        "--dataset", "digits", "--workers", "2", "--storage-path", str(self.storage), *argv,
-                       timeout=timeout)
+                       *NO_FINAL_ATTACK, timeout=timeout)
 
     def worker_host_view(self, path):
         """What the worker host sees at `path` (entered through its raylet's mount namespace)."""
@@ -222,7 +226,8 @@ def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_stranger
     # With the token, the documented job submission runs the training on the cluster.
     job = c.on("head", RAY_BIN, "job", "submit", "--address", f"http://{c.ips['head']}:8265", "--working-dir",
                str(REPO), "--", "python", "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
-               "--rounds", "1", "--storage-path", str(c.storage), "--name", "job", RAY_AUTH_MODE="token")
+               "--rounds", "1", "--storage-path", str(c.storage), "--name", "job", *NO_FINAL_ATTACK,
+               RAY_AUTH_MODE="token")
     assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
     job_summary = json.loads((c.storage / "job" / "summary.json").read_text())
     assert sorted(w["node_ip"] for w in job_summary["workers"]) == [c.ips["head"], c.ips["worker"]]
@@ -271,7 +276,7 @@ def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster, ran
     name = f"killed-rank0-on-{rank0}"
     cmd = ["ip", "netns", "exec", c.hosts["head"], sys.executable, "-m", "ray_fedat.train", "--address",
            f"{c.ips['head']}:6379", "--dataset", "digits", "--workers", "2", "--storage-path", str(c.storage),
-           *rounds, "--max-failures", "1", "--worker-nodes", ",".join(order), "--name", name]
+           *rounds, "--max-failures", "1", "--worker-nodes", ",".join(order), "--name", name, *NO_FINAL_ATTACK]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=c.env("head"))
     run_dir = str(c.storage / name)
     try:

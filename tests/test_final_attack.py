@@ -20,33 +20,33 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def trained():
-    """LeNet on digits, PGD-AT for 6 epochs (a few seconds): robust enough that attacks differ."""
+    """LeNet on digits, PGD-AT (3 steps) for 3 epochs (a few seconds): robust enough that attacks differ."""
     data = load_digits()
     torch.manual_seed(0)
     model = build_model("lenet", data.shape, 10)
     shard = ClientShard(0, data.x_train, data.y_train, torch.bincount(data.y_train, minlength=10).float())
-    cfg = LocalTrainingConfig("pgd", 6, 32, 0.05, 0.9, 2e-4, EPS, STEP, 5, 6.0, 0.1, False)
+    cfg = LocalTrainingConfig("pgd", 3, 32, 0.05, 0.9, 2e-4, EPS, STEP, 3, 6.0, 0.1, False)
     train_client(model, shard, cfg, torch.Generator().manual_seed(0), CPU)
     return model.state_dict(), data
 
 
-def scores(state, data, attack, images=100, world=1):
+def scores(state, data, attack, images=50, world=1):
     shards = [attack_shard({"m": state}, "lenet", data.shape, 10, data.x_test[:images], data.y_test[:images],
                            attack, EPS, STEP, 10, 50, 0, rank, world, False) for rank in range(world)]
     return combine_shards(shards)["m"]
 
 
 @pytest.fixture(scope="module")
-def apgd_on_100(trained):
-    """APGD-CE + APGD-T on the first 100 test images, one worker (shared by the tests below)."""
+def apgd_on_50(trained):
+    """APGD-CE + APGD-T on the first 50 test images, one worker (shared by the tests below)."""
     state, data = trained
     return scores(state, data, "apgd")
 
 
-def test_apgd_pair_is_at_least_as_strong_as_pgd_100_and_the_yardstick(trained, apgd_on_100):
+def test_apgd_pair_is_at_least_as_strong_as_pgd_100_and_the_yardstick(trained, apgd_on_50):
     state, data = trained
-    apgd, pgd100 = apgd_on_100, scores(state, data, "pgd-100")
-    assert apgd["images"] == pgd100["images"] == 100
+    apgd, pgd100 = apgd_on_50, scores(state, data, "pgd-100")
+    assert apgd["images"] == pgd100["images"] == 50
     assert apgd["natural_acc"] > 0.8 and apgd["yardstick_acc"] > 0.3  # a model worth attacking
     # Same images, same natural and yardstick numbers (PGD-100 from another random start may keep
     # an image or two that PGD-10 broke: it is not compared with the yardstick).
@@ -56,16 +56,16 @@ def test_apgd_pair_is_at_least_as_strong_as_pgd_100_and_the_yardstick(trained, a
     assert apgd["robust_acc"] < apgd["natural_acc"]  # it really attacked
 
 
-def test_shards_add_up_to_the_single_worker_numbers(trained, apgd_on_100):
+def test_shards_add_up_to_the_single_worker_numbers(trained, apgd_on_50):
     """Split over 3 workers as the driver splits it, the counts are the single worker's exactly."""
     state, data = trained
-    one, three = apgd_on_100, scores(state, data, "apgd", world=3)
+    one, three = apgd_on_50, scores(state, data, "apgd", world=3)
     for key in ("images", "natural_acc", "yardstick_acc", "robust_acc"):
         assert one[key] == three[key], key
 
 
 class SaturatedLogits(nn.Module):
-    """A model that masks its gradients: logits scaled by 10^4, so its softmax is exactly one-hot
+    """A model that masks its gradients: logits scaled by 10^6, so its softmax is exactly one-hot
     in float32 and cross-entropy gradients are exactly zero (no PGD step can move)."""
 
     def __init__(self, inner):
@@ -73,7 +73,7 @@ class SaturatedLogits(nn.Module):
         self.inner = inner
 
     def forward(self, x):
-        return 1e4 * self.inner(x)
+        return 1e6 * self.inner(x)
 
 
 def test_saturated_softmax_fools_a_ce_yardstick_but_not_the_margin_one(trained):
@@ -84,8 +84,11 @@ def test_saturated_softmax_fools_a_ce_yardstick_but_not_the_margin_one(trained):
     x, y = data.x_test[:100], data.y_test[:100]
     kwargs = dict(epsilon=EPS, step_size=STEP, steps=10, batch_size=50, seed=0, round_=1)
     n, natural, ce_only = count_correct(model, x, y, losses=("ce",), **kwargs).tolist()
+    _, _, start_only = count_correct(model, x, y, losses=("ce",), **{**kwargs, "step_size": 0.0}).tolist()
     _, _, ce_margin = count_correct(model, x, y, **kwargs).tolist()
-    assert ce_only == natural  # CE-PGD cannot move: a CE yardstick sees a perfectly robust model
+    # CE-PGD cannot move from its random start (which alone flips an image or two of this small
+    # model): a CE yardstick sees a (nearly) perfectly robust model.
+    assert ce_only == start_only >= natural - 3
     assert ce_margin < natural - 10  # the CW margin does not saturate: the per-round yardstick sees it
     # The warning, for a yardstick that overstates by more than 5 points (its threshold is
     # test_methods.py's pure test).

@@ -298,6 +298,7 @@ def agree_precision_rank(rank, world, store_file, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two real processes
 def test_two_gloo_workers_agree_on_one_precision(tmp_path):
     """2 real gloo processes, as Ray Train's workers: one faking a CPU without native bf16 makes
     both run fp32, and both give the same reason for it."""

@@ -11,27 +11,34 @@ from ray_fedat.checkpoints import load_model_file
 pytestmark = pytest.mark.ray
 
 
-@pytest.mark.parametrize("flags", [
-    ["--method", "mart", "--aggregator", "sfat", "--sfat-topk", "2"],
-    ["--method", "fgsm-rs", "--prox-mu", "0.05"],
-    ["--method", "calfat", "--calfat-scale", "paper"],  # the authors' s = 10, folded: the default lr trains it
-], ids=["mart+sfat", "fgsm-rs+fedprox", "calfat-s10"])
-def test_each_new_method_trains_two_rounds_on_two_workers(tmp_path, ray_session, flags):
-    summary, records, _ = train(tmp_path, "m", "--workers", "2", "--clients", "4", "--rounds", "2",
-                                "--eval-samples", "150", *flags)
+# Two runs cover the toolkit: MART with SFAT aggregation on a validation split (which chooses the
+# best models, with a late attack and PGD-100 at the end), and FGSM-RS with FedProx without a
+# validation split. CalFAT (s = 10) is the default method: every default run trains it.
+def test_fgsm_rs_with_fedprox_and_no_validation_split_chooses_on_test_and_says_so(tmp_path, ray_session, capsys):
+    summary, records, _ = train(tmp_path, "noval", "--workers", "2", "--clients", "4", "--rounds", "2",
+                                "--eval-samples", "150", "--method", "fgsm-rs", "--prox-mu", "0.05",
+                                "--val-fraction", "0")
     assert summary["status"] == "finished" and [r["round"] for r in records] == [1, 2]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in records)
     assert records[-1]["natural_acc"] > 0.3  # 10 classes: it learned something in 2 rounds
     cfg = summary["config"]
-    assert (cfg["method"], cfg["aggregator"]) == (flags[1], "sfat" if "sfat" in flags else "fedavg")
-    if "paper" in flags:
-        assert cfg["calfat_scale"] == 10.0
+    assert (cfg["method"], cfg["aggregator"], cfg["prox_mu"]) == ("fgsm-rs", "fedavg", 0.05)
+    assert "--val-fraction 0: no validation set; the best models are chosen on the test set" in capsys.readouterr().out
+    assert summary["selection"]["chosen_on"] == "test"
+    assert "val_robust_acc" not in records[-1]
+    assert summary["best"]["robust"]["robust_acc"] == max(r["robust_acc"] for r in records)
 
 
-def test_best_models_are_chosen_on_validation_and_the_test_set_only_reports(tmp_path, ray_session):
+def test_mart_with_sfat_chooses_the_best_models_on_validation_and_the_test_set_only_reports(tmp_path,
+                                                                                          ray_session):
     summary, records, run_dir = train(tmp_path, "val", "--workers", "2", "--clients", "3", "--partition", "dirichlet",
+                                      "--method", "mart", "--aggregator", "sfat", "--sfat-topk", "2",
                                       "--rounds", "4", "--val-fraction", "0.2", "--final-attack", "pgd-100",
                                       "--final-samples", "64", "--late-attack-steps", "7", "--late-attack-from", "0.5")
+    assert summary["status"] == "finished" and (summary["config"]["method"], summary["config"]["aggregator"]) == \
+        ("mart", "sfat")
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in records)
+    assert records[-1]["natural_acc"] > 0.3
     assert [r["attack_steps"] for r in records] == [5, 5, 7, 7]  # digits' 5 steps, then the late attack
     assert summary["selection"]["chosen_on"] == "validation"
     assert summary["selection"]["validation_images"] == round(0.2 * 1438)
@@ -56,11 +63,3 @@ def test_best_models_are_chosen_on_validation_and_the_test_set_only_reports(tmp_
     assert attack["attack"] == "PGD-100" and attack["images"] == 64 and attack["yardstick"] == "PGD-10 CE+margin"
     for r in attack["models"].values():
         assert r["robust_acc"] <= r["yardstick_acc"] + 1 / 64 and r["robust_acc"] <= r["natural_acc"]
-
-
-def test_val_fraction_zero_chooses_on_test_and_says_so(tmp_path, ray_session, capsys):
-    summary, records, _ = train(tmp_path, "noval", "--workers", "1", "--rounds", "2", "--val-fraction", "0")
-    assert "--val-fraction 0: no validation set; the best models are chosen on the test set" in capsys.readouterr().out
-    assert summary["selection"]["chosen_on"] == "test"
-    assert "val_robust_acc" not in records[-1]
-    assert summary["best"]["robust"]["robust_acc"] == max(r["robust_acc"] for r in records)

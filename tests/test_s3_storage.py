@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from test_cluster import kill_worker_after_round
 from test_fault_tolerance import read_records
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]  # a real SeaweedFS server and CLI runs
@@ -86,73 +85,51 @@ def s3(tmp_path_factory):
         log.close()
 
 
-def test_checkpoints_in_s3_survive_a_killed_worker_and_resume(s3, tmp_path):
-    uri, fs, env = s3
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2", "--rounds", "4",
-           "--storage-path", uri, "--name", "s3run", "--output-dir", str(out), "--max-failures", "1",
-           "--final-attack", "none"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        kill_worker_after_round(proc, str(out), 2)
-        stdout, stderr = proc.communicate(timeout=600)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, stderr[-3000:]
-    records = read_records(str(out))
-    assert [r["round"] for r in records] == [1, 2, 3, 4]
-    assert any(r["resumed_from"] > 1 for r in records), "no round ran in a restarted worker group"
+def test_an_s3_run_survives_a_killed_worker_resumes_and_never_shows_its_secret(s3, tmp_path):
+    """One run does both: while it trains (with the dashboard and token authentication on), the
+    dashboard's job, actor and task APIs, which show every runtime_env to anyone with the
+    token, never hold the secret key (the workers inherit it instead); then a worker is
+    killed, the run restores from the store, and --resume continues from it. Nothing it
+    printed or wrote holds the secret either."""
+    import secrets as tokens
 
     import pyarrow.fs
-
-    stored = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector("rayfedat/runs/s3run", recursive=True))]
-    assert any("/checkpoint_" in p and p.endswith("/model.pt") for p in stored), stored
-    for name in ("metrics.jsonl", "summary.json", "final_model.pt", "best_natural.pt", "best_robust.pt"):
-        assert (out / name).is_file(), name  # the run's own files: local, on the driver
-    assert not any(p.name.startswith("checkpoint_") for p in out.iterdir())
-    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
-
-    resumed = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--resume", str(out), "--rounds", "6"],
-                             capture_output=True, text=True, timeout=600, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    records = read_records(str(out))
-    assert [r["round"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert [r["resumed_from"] for r in records[4:]] == [5, 5]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"]["storage_path"] == uri and summary["rounds_completed"] == 6
-
-
-def test_no_storage_secret_reaches_a_runtime_env_the_dashboard_shows(s3, tmp_path):
-    """The dashboard shows the job's and every actor's runtime_env to anyone with the token:
-    while an S3 run trains, neither holds the secret key (the workers inherit it instead)."""
-    import secrets as tokens
 
     from test_monitoring import Console, get
 
     uri, fs, env = s3
+    out = tmp_path / "out"
     token = tokens.token_hex(32)
-    env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
-                             "--rounds", "30", "--eval-samples", "50", "--deterministic", "--dashboard", "--storage-path", uri,
-                             "--name", "secret", "--output-dir", str(tmp_path / "out"), "--final-attack", "none"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    run_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    run_env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2", "--rounds", "8",
+           "--local-epochs", "2", "--eval-samples", "100", "--deterministic", "--dashboard", "--storage-path", uri,
+           "--name", "s3run", "--output-dir", str(out), "--max-failures", "1", "--final-attack", "none"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env)
     console = Console(proc)
     try:
         dashboard = console.wait_for(r"ray_fedat: dashboard (http://127\.0\.0\.1:\d+)", proc, 240).group(1)
-        console.wait_for(r"round\s+1/30", proc, 300)  # the workers run: their actors exist
+        console.wait_for(r"round\s+1/8", proc, 300)  # the workers run: their actors exist
         shown = {}
         for api in ("/api/jobs/", "/api/v0/actors?detail=1&limit=1000", "/api/v0/tasks?detail=1&limit=1000"):
             status, body = get(dashboard + api, token, timeout=60)
             assert status == 200, (api, status, body[:300])
             shown[api] = body
+        deadline = time.time() + 300
+        while len(read_records(str(out))) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before a worker could be killed:\n" + "\n".join(console.lines[-40:])
+        with open(out / "workers.json") as f:
+            victim = next(w for w in json.load(f) if w["rank"] == 1)
+        os.kill(victim["pid"], signal.SIGKILL)
+        proc.wait(timeout=600)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             proc.kill()
     console.thread.join(timeout=10)
+    printed = "\n".join(console.lines)
+    assert proc.returncode == 0, printed[-3000:]
+
     actors = json.loads(shown["/api/v0/actors?detail=1&limit=1000"])["data"]["result"]["result"]
     workers = [a for a in actors if a["class_name"] == "RayTrainWorker"]
     assert len(workers) == 2 and all("serialized_runtime_env" in a for a in workers)
@@ -160,6 +137,30 @@ def test_no_storage_secret_reaches_a_runtime_env_the_dashboard_shows(s3, tmp_pat
     assert all("CUBLAS_WORKSPACE_CONFIG" in a["serialized_runtime_env"] for a in workers)
     for api, body in shown.items():
         assert SECRET not in body and "AWS_SECRET_ACCESS_KEY" not in body, api
+
+    records = read_records(str(out))
+    assert [r["round"] for r in records] == list(range(1, 9))
+    assert any(r["resumed_from"] > 1 for r in records), "no round ran in a restarted worker group"
+    stored = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector("rayfedat/runs/s3run", recursive=True))]
+    assert any("/checkpoint_" in p and p.endswith("/model.pt") for p in stored), stored
+    for name in ("metrics.jsonl", "summary.json", "final_model.pt", "best_natural.pt", "best_robust.pt"):
+        assert (out / name).is_file(), name  # the run's own files: local, on the driver
+    assert not any(p.name.startswith("checkpoint_") for p in out.iterdir())
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--resume", str(out), "--rounds", "10"],
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = read_records(str(out))
+    assert [r["round"] for r in records] == list(range(1, 11))
+    assert [r["resumed_from"] for r in records[8:]] == [9, 9]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["storage_path"] == uri and summary["rounds_completed"] == 10
+    # Nothing the two runs printed or wrote (metrics, summary, workers, curves, ...) holds the secret.
+    assert SECRET not in printed + resumed.stdout + resumed.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
 
 
 def test_credentials_in_the_storage_uri_are_refused_in_one_line_that_never_shows_them(s3, tmp_path):

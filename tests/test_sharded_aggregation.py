@@ -70,6 +70,7 @@ def two_rank_results(tmp_path_factory):
     return [torch.load(d / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
+@pytest.mark.slow  # two real gloo processes
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
 @pytest.mark.parametrize("rule", RULES + ("median-small-blocks",))
 def test_two_gloo_ranks_match_the_single_process_rule(two_rank_results, placement, rule):

@@ -2,11 +2,9 @@
 import glob
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -87,7 +85,8 @@ def read_tensorboard_scalars(run_dir):
 def test_report_curves_and_tensorboard_for_two_runs(tmp_path, ray_session):
     from test_ray_training import train
 
-    summary_a, records_a, dir_a = train(tmp_path, "a", "--rounds", "3", "--test-every", "1", "--final-attack", "apgd")
+    summary_a, records_a, dir_a = train(tmp_path, "a", "--rounds", "3", "--test-every", "1", "--final-attack", "apgd",
+                                      "--final-samples", "100")
     _, _, dir_b = train(tmp_path, "b", "--rounds", "2", "--method", "pgd", "--final-attack", "none")
     for run_dir in (dir_a, dir_b):
         with open(os.path.join(run_dir, "curves.png"), "rb") as f:
@@ -113,28 +112,6 @@ def test_report_curves_and_tensorboard_for_two_runs(tmp_path, ray_session):
     bad = subprocess.run([sys.executable, "-m", "ray_fedat.report", str(tmp_path / "nope")], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "no summary.json" in bad.stderr
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_keeps_what_was_written(tmp_path):
-    run_dir = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--rounds", "200",
-                             "--storage-path", str(tmp_path), "--name", "stopped"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
-    assert "interrupted after round" in err and "--resume" in err and "Traceback" not in err
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["rounds_completed"] >= 2
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == summary["rounds_completed"]
 
 
 def closed_port():
