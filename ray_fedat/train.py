@@ -190,7 +190,6 @@ def run(cfg: RunConfig, callbacks: Sequence = (), tracking: Optional[dict] = Non
         os.makedirs(run_dir, exist_ok=True)
         storage, selectors, storage_note = plan_storage_and_nodes(cfg, name, use_gpu, pinned)
         print_header(cfg, name, run_dir, where, placement, use_gpu, storage_note, owns_ray)
-        trackers = start_run_tracking(cfg, name, run_dir, tracking)  # the driver's; never raises
         title = f"{name}: {cfg.method} on {cfg.dataset}, {cfg.clients} clients ({cfg.partition})"
         # With --time-budget the workers plan their rounds to end before this wall-clock time.
         deadline = launched + training_share(cfg) * cfg.time_budget if cfg.time_budget else None
@@ -215,6 +214,9 @@ def run(cfg: RunConfig, callbacks: Sequence = (), tracking: Optional[dict] = Non
                                  run_name=name, val_images=val_images, write=write, **outcome)
 
         summarise("running")
+        # The driver's trackers (never raises). After summary.json: a run cut short from here
+        # on is resumed, never started anew, so its tracking.json is read again.
+        trackers = start_run_tracking(cfg, name, run_dir, tracking)
         started = time.time()
         result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started,
                                                      len(read_metrics(run_dir)), title, cfg, trackers)
