@@ -416,6 +416,7 @@ class WandbTracker:
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or DEFAULT_EXPERIMENT, name=run_name,
                               group=group, job_type=job_type, tags=[f"{k}={v}" for k, v in tags.items()][:64],
                               id=resume_id, resume="allow" if resume_id else None, mode=self.mode,
+                              dir=os.environ.get("WANDB_DIR"),  # read now: wandb's settings keep the first run's
                               settings=settings, reinit="create_new")
         self.run.define_metric("round")
         self.run.define_metric("*", step_metric="round")  # a replayed round is logged again, not dropped
