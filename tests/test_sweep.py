@@ -245,37 +245,39 @@ def sweep_command(grid):
     return [sys.executable, "-m", "ray_fedat.sweep", str(grid)]
 
 
+RUNS = ("base_s0", "base_s1")  # the killed sweep's runs: one cell (nothing varies but the seed), 2 seeds
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path, mlflow_server):
-    """2 methods x 2 seeds, 2 rounds, 1 worker per trial, two trials at once, PGD-100 at the end.
+    """1 method x 2 seeds, 2 rounds, 1 worker per trial, one trial at a time, PGD-100 at the end.
     The driver is killed once the first run has finished; the same command runs the rest.
     The sweep logs to a real MLflow server: one experiment, a parent run with the table, one
     run per cell and seed, and a run cut short goes on in the tracker run it started."""
     grid = tmp_path / "grid.yaml"
-    grid.write_text(f"dataset: digits\nworkers: 1\nrounds: 2\nmethod: [pgd, trades]\nseed: [0, 1]\n"
+    grid.write_text(f"dataset: digits\nworkers: 1\nrounds: 2\nmethod: pgd\nseed: [0, 1]\n"
                     f"attack-steps: 2\neval-steps: 2\neval-samples: 100\nval-fraction: 0\n"
                     f"final-attack: pgd-100\nfinal-samples: 50\n"
                     f"track: mlflow\ntrack-uri: {mlflow_server}\ntrack-artifacts: small\n"
                     f"storage-path: {tmp_path}\n")
     sweep_dir = tmp_path / "grid"
-    command = sweep_command(grid) + ["--max-concurrent", "2"]
+    command = sweep_command(grid) + ["--max-concurrent", "1"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 1200  # generous: a shared machine can be slow; a short run is about a minute
     finished = []
     while time.time() < deadline and proc.poll() is None and not finished:
-        finished = [d for d in ("pgd_s0", "pgd_s1", "trades_s0", "trades_s1")
-                    if run_state(str(sweep_dir / d))[0] == "finished"]
+        finished = [d for d in RUNS if run_state(str(sweep_dir / d))[0] == "finished"]
         time.sleep(0.2)
     alive = proc.poll() is None
     proc.kill()  # SIGKILL: no clean-up of any kind (Ray's processes share the driver's fate)
     assert finished and alive, proc.communicate(timeout=60)[0][-3000:]
     first_out = proc.communicate(timeout=60)[0]
-    assert "2 at a time" in first_out, first_out[-3000:]
-    finished = [d for d in ("pgd_s0", "pgd_s1", "trades_s0", "trades_s1")
-                if run_state(str(sweep_dir / d))[0] == "finished"]  # the other may have ended meanwhile
+    assert "1 at a time" in first_out, first_out[-3000:]
+    finished = [d for d in RUNS if run_state(str(sweep_dir / d))[0] == "finished"]
+    assert finished == ["base_s0"], finished  # one at a time: the second had only started
     before = {d: (sweep_dir / d / "summary.json").stat().st_mtime for d in finished}
-    unfinished = [d for d in ("pgd_s0", "pgd_s1", "trades_s0", "trades_s1") if d not in finished]
+    unfinished = [d for d in RUNS if d not in finished]
     # The tracker runs started before the kill (a run's tracking.json is written after its summary.json).
     tracked = {d: json.loads((sweep_dir / d / "tracking.json").read_text())["mlflow"]["run_id"]
                for d in unfinished if (sweep_dir / d / "tracking.json").exists()}
@@ -284,23 +286,22 @@ def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path, mlflow_server):
     again = subprocess.run(command, capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     out = again.stdout
-    assert f"{len(unfinished)} of 4 runs to go" in out
+    assert "1 of 2 runs to go" in out
     for d in finished:  # not run again
         assert f"started {d}" not in out
         assert (sweep_dir / d / "summary.json").stat().st_mtime == before[d]
     for d in unfinished:
         assert f"started {d}" in out and run_state(str(sweep_dir / d))[0] == "finished"
-    rows = [ln for ln in (sweep_dir / "table.md").read_text().splitlines() if ln.startswith("| pgd") or
-            ln.startswith("| trades")]
-    assert [r.split(" | ")[:2] for r in rows] == [["| pgd", "2/2"], ["| trades", "2/2"]]
+    rows = [ln for ln in (sweep_dir / "table.md").read_text().splitlines() if ln.startswith("| base")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| base", "2/2"]]
     assert all(r.rstrip().endswith("| ok |") for r in rows)
     header = (sweep_dir / "table.md").read_text().splitlines()[0]
     # The final attack ran inside the trials (its task left the trial's group), on 50 images.
     assert "robust PGD-100 (50 img) %" in header
     assert all(r.split(" | ")[4].strip() for r in rows)
     table_csv = (sweep_dir / "table.csv").read_text().splitlines()
-    assert len(table_csv) == 3 and (sweep_dir / "table.png").is_file()
-    for d in ("pgd_s0", "trades_s1"):
+    assert len(table_csv) == 2 and (sweep_dir / "table.png").is_file()
+    for d in RUNS:
         records = [json.loads(ln) for ln in (sweep_dir / d / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records] == [1, 2]
 
@@ -310,16 +311,15 @@ def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path, mlflow_server):
     mlflow.set_tracking_uri(mlflow_server)
     runs = mlflow.search_runs(experiment_names=["grid"], output_format="list")  # the sweep's experiment
     finished_runs = {r.info.run_name: r for r in runs if r.info.status == "FINISHED"}
-    assert sorted(finished_runs) == ["grid", "pgd_s0", "pgd_s1", "trades_s0", "trades_s1"]
+    assert sorted(finished_runs) == ["base_s0", "base_s1", "grid"]
     parent = finished_runs["grid"]
     assert parent.info.run_id == parent_id  # the second invocation went on in the parent the first started
     client = MlflowClient(mlflow_server)
     assert {"table.md", "table.csv", "table.png"} <= {a.path for a in client.list_artifacts(parent_id)}
-    for name in ("pgd_s0", "pgd_s1", "trades_s0", "trades_s1"):
+    for name in RUNS:
         run = finished_runs[name]
         tags = run.data.tags
-        assert (tags["method"], tags["seed"], tags["cell"], tags["mlflow.parentRunId"]) == \
-            (name.split("_")[0], name[-1], name.split("_")[0], parent_id)
+        assert (tags["seed"], tags["cell"], tags["mlflow.parentRunId"]) == (name[-1], "base", parent_id)
         assert run.data.metrics["robust_pgd_100"] == pytest.approx(
             json.loads((sweep_dir / name / "summary.json").read_text())["headline"]["robust_acc"])
         assert run.data.metrics["final_attack_images"] == 50
