@@ -362,8 +362,15 @@ def read_wandb_run(run_dir):
 
 def wandb_contents(run_dir):
     """(run record, config, history rows, summary) of an offline W&B run."""
-    records = read_wandb_run(run_dir)
-    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    deadline = time.time() + 30  # wandb-core, its own process, writes the file: give a loaded machine time
+    while True:
+        records = read_wandb_run(run_dir)
+        kinds = [r.WhichOneof("record_type") for r in records]
+        if {"run", "exit"} <= set(kinds) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert {"run", "exit"} <= set(kinds), (kinds, sorted(os.listdir(run_dir)), open(os.path.join(run_dir, "logs", "debug.log")).read()[-3000:])
+    run = records[kinds.index("run")].run
     config = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "config"
               for i in r.config.update}
     config.update({i.key: json.loads(i.value_json) for i in run.config.update})
