@@ -409,7 +409,7 @@ def test_wandb_offline_run_holds_params_rounds_headline_and_files(offline_wandb,
     trackers.finish(SUMMARY, artifact_files(run_dir, "all"), "finished")
     out = capsys.readouterr().out
     [wandb_dir] = [offline_wandb / n for n in os.listdir(offline_wandb) if n.startswith("offline-run-")]
-    assert f"ray_fedat: tracking: logging to wandb offline run" in out and f"wandb sync {wandb_dir}" in out
+    assert "ray_fedat: tracking: logging to wandb offline run" in out and f"wandb sync {wandb_dir}" in out
     assert json.loads((tmp_path / "r" / TRACKING_FILE).read_text())["wandb"]["dir"] == str(wandb_dir)
     run, config, history, summary = wandb_contents(str(wandb_dir))
     assert (run.display_name, run.run_group, run.project) == ("trades_s0", "grid", "ray_fedat")
