@@ -262,17 +262,20 @@ def kill_worker_after_round(proc, run_dir, after_round, node_ip=None):
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.parametrize("rank0", ["head", "worker"])
-def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster, rank0, request):
+def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster):
+    """Rank 0 on the worker host, which has none of the run's files, and rank 1 on the head,
+    which writes the checkpoints: the killed worker is rank 0, so the restarted group restores
+    across the hosts, and the --resume after it once more. (Rank 0 on the head is the README
+    run's placement above.)"""
     c = cluster
+    rank0 = "worker"
     rounds = ["--rounds", "5", "--local-epochs", "2"]
     plain_dir = c.storage / "plain"
-    if not (plain_dir / "final_model.pt").exists():  # the uninterrupted reference, once per module
-        plain = c.train(*rounds, "--name", "plain")
-        assert plain.returncode == 0, plain.stderr[-3000:]
+    plain = c.train(*rounds, "--name", "plain")  # the uninterrupted reference
+    assert plain.returncode == 0, plain.stderr[-3000:]
 
-    # Rank 0 lands where Ray creates the first worker; force both cases.
-    order = [c.ips[rank0], c.ips["worker" if rank0 == "head" else "head"]]
+    # Rank 0 lands where Ray creates the first worker: --worker-nodes forces it.
+    order = [c.ips[rank0], c.ips["head"]]
     name = f"killed-rank0-on-{rank0}"
     cmd = ["ip", "netns", "exec", c.hosts["head"], sys.executable, "-m", "ray_fedat.train", "--address",
            f"{c.ips['head']}:6379", "--dataset", "digits", "--workers", "2", "--storage-path", str(c.storage),
@@ -295,11 +298,11 @@ def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster, ran
     assert victim["pid"] not in [w["pid"] for w in summary["workers"]]
     assert max_abs_diff(final_state(run_dir), final_state(plain_dir)) <= 1e-6
 
-    if rank0 == "worker":  # --resume of that run adds rounds, restored across the hosts again
-        resumed = c.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{c.ips['head']}:6379",
-                       "--resume", run_dir, "--rounds", "7")
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        records = read_records(run_dir)
-        assert [r["round"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
-        assert [r["resumed_from"] for r in records[5:]] == [6, 6]
-        assert json.loads((c.storage / name / "summary.json").read_text())["workers"][0]["node_ip"] == c.ips["worker"]
+    # --resume of that run adds rounds, restored across the hosts again
+    resumed = c.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{c.ips['head']}:6379",
+                   "--resume", run_dir, "--rounds", "7")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    records = read_records(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["resumed_from"] for r in records[5:]] == [6, 6]
+    assert json.loads((c.storage / name / "summary.json").read_text())["workers"][0]["node_ip"] == c.ips["worker"]

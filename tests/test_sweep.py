@@ -16,7 +16,6 @@ from ray_fedat.sweep import (concurrent_runs, eta_seconds, expand_grid, failed_r
                              final_samples_clash, flags_to_argv, plan_runs, read_grid_file, record_failure, run_state,
                              sweep_record)
 from ray_fedat.sweep_table import cell_row, format_csv, format_markdown, write_table
-from test_tracking import mlflow_server  # noqa: F401 - the real MLflow server the killed sweep logs to
 
 GRID = {"dataset": "digits", "workers": 1, "rounds": 2, "method": ["pgd", "trades"], "beta": [0.1, 0.5],
         "partition": "dirichlet", "seed": [0, 1]}
