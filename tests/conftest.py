@@ -14,8 +14,9 @@ SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "da
 
 def pytest_collection_modifyitems(config, items):
     """Every test that starts a real Ray counts as slow: `pytest -m "not slow"` is the quick
-    loop of the pure parts (about 3 minutes on 2 cores); plain `pytest -q` runs everything.
-    Tests that start a CLI process, a cluster or an object store are marked slow themselves;
+    loop of the pure parts (79 s on the 2-core machine, alone); plain `pytest -q` runs everything.
+    Tests that start a CLI process, a cluster, a server, an object store or several processes
+    are marked slow themselves;
     the CLI's error paths are tested in-process (main([...]) and capsys)."""
     for item in items:
         if item.get_closest_marker("ray") and not item.get_closest_marker("slow"):
