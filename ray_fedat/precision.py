@@ -75,12 +75,18 @@ def device_name(device: torch.device) -> str:
 
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(device)
+    text = read_cpuinfo()
+    name = cpu_model_name(text) if text is not None else None
+    return name or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def read_cpuinfo() -> Optional[str]:
+    """CPUINFO's text, or None where there is none (not Linux)."""
     try:
         with open(CPUINFO) as f:
-            name = cpu_model_name(f.read())
+            return f.read()
     except OSError:
-        name = None
-    return name or platform.processor() or platform.machine() or "unknown CPU"
+        return None
 
 
 def onednn_bf16() -> bool:
@@ -93,12 +99,7 @@ def onednn_bf16() -> bool:
 
 def cpu_bf16_capability() -> Tuple[bool, str]:
     """native_cpu_bf16 for the CPU this process runs on (CPUINFO's text)."""
-    try:
-        with open(CPUINFO) as f:
-            text = f.read()
-    except OSError:
-        text = None
-    return native_cpu_bf16(text, onednn_bf16())
+    return native_cpu_bf16(read_cpuinfo(), onednn_bf16())
 
 
 def cuda_bf16_capability(device: torch.device) -> Tuple[bool, str]:
