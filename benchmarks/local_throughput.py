@@ -1,8 +1,9 @@
 """Local FAT throughput: our client step vs a faithful re-implementation of the article's.
 
     python benchmarks/local_throughput.py [--images 1024] [--steps 40] [--bf16-images 256]
+        [--model lenet|smallcnn] [--compile]
 
-Same model (the article's LeNet), data (real MNIST when ../shared has it, else digits),
+Same model (the article's LeNet unless --model), data (real MNIST when ../shared has it, else digits),
 batch size, attack steps, CalFAT loss and thread count (1). The article's recipe: a
 DataLoader over a Dataset of single PIL images turned into tensors one by one, and a KL
 attack that recomputes the natural logits at every step, with trainable weights. Ours:
@@ -10,7 +11,9 @@ uint8 tensors sliced per batch, natural logits once per batch, weights frozen wh
 attacking, in fp32 (NCHW, what --precision auto gives on a CPU), fp32 channels_last, and
 bf16 autocast + channels_last (--precision bf16). Prints adversarial examples per second
 for each, interleaved, a per-op profile of one attack step in fp32 and bf16, and the ratio
-last. bf16 runs on fewer images (--bf16-images): on a CPU without AVX512-BF16/AMX it is
+last. --compile adds the rows of `--compile on` (model.compile(), compiled once on the timed
+images first, so the rows are the steady state a worker reaches after its first round; the
+compile time is printed). bf16 runs on fewer images (--bf16-images): on a CPU without AVX512-BF16/AMX it is
 slow, and examples per second do not depend on how many images are timed.
 """
 import argparse
@@ -79,8 +82,24 @@ def article_epoch(model, images, labels, counts, args) -> float:
     return time.perf_counter() - started
 
 
-def our_epoch(model, images, labels, counts, args, precision="fp32", channels_last=False) -> float:
+COMPILED = {}  # (precision, channels_last) -> the compiled model, built once: compiling is paid once per worker
+
+
+def our_epoch(model, images, labels, counts, args, precision="fp32", channels_last=False, compiled=False) -> float:
     model = prepare_model(model, torch.device("cpu"), precision, channels_last)
+    if compiled:  # what --compile on does on a worker: compile once, then every round reuses it
+        key = (precision, channels_last)
+        if key not in COMPILED:
+            model.compile()
+            started = time.perf_counter()
+            # Warm-up on the timed images: every shape, grad mode and train/eval variant the epoch
+            # meets gets compiled here (a worker pays this once, in its first round).
+            our_epoch(model, images, labels, counts, args, precision)
+            print(f"  compiling {precision}{' channels_last' if channels_last else ''}: "
+                  f"{time.perf_counter() - started:.1f} s (once per worker)", flush=True)
+            COMPILED[key] = model
+        COMPILED[key].load_state_dict(model.state_dict())
+        model = COMPILED[key]
     shard = ClientShard(0, torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), counts)
     cfg = LocalTrainingConfig("calfat", 1, args.batch_size, 0.01, 0.9, 2e-4, args.epsilon, args.step_size, args.steps,
                               6.0, 0.1, False, precision=precision)
@@ -89,12 +108,16 @@ def our_epoch(model, images, labels, counts, args, precision="fp32", channels_la
     return time.perf_counter() - started
 
 
-# (row name, epoch function, precision, channels_last)
+# (row name, epoch function, precision, channels_last, compiled)
 ROWS = [
-    ("article", article_epoch, None, None),
-    ("ours fp32", our_epoch, "fp32", False),
-    ("ours fp32 channels_last", our_epoch, "fp32", True),
-    ("ours bf16 channels_last", our_epoch, "bf16", True),
+    ("article", article_epoch, None, None, False),
+    ("ours fp32", our_epoch, "fp32", False, False),
+    ("ours fp32 channels_last", our_epoch, "fp32", True, False),
+    ("ours bf16 channels_last", our_epoch, "bf16", True, False),
+]
+COMPILED_ROWS = [
+    ("ours fp32 compiled", our_epoch, "fp32", False, True),
+    ("ours bf16 cl compiled", our_epoch, "bf16", True, True),
 ]
 
 
@@ -102,7 +125,7 @@ def breakdown(images, counts, args, repeats=20):
     """Where an attack step's time goes: one forward of the batch, and one backward to the
     input. The article's step is forward(x_adv) + forward(x) + backward; ours drops the
     second forward, which bounds what removing it can gain."""
-    model = build_model("lenet", (1, *images.shape[1:]), 10).eval()
+    model = build_model(args.model, (1, *images.shape[1:]), 10).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.from_numpy(images[: args.batch_size]).unsqueeze(1).float() / 255
@@ -124,7 +147,7 @@ def profile_step(images, counts, args, precision, channels_last, repeats=3, top=
     """The ops that dominate one attack step (forward + backward to the input), by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = prepare_model(build_model("lenet", (1, *images.shape[1:]), 10), torch.device("cpu"), precision,
+    model = prepare_model(build_model(args.model, (1, *images.shape[1:]), 10), torch.device("cpu"), precision,
                           channels_last).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -169,33 +192,41 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--bf16-images", type=int, default=256, help="images for the bf16 row")
     parser.add_argument("--bf16-repeats", type=int, default=1, help="repeats of the bf16 row")
+    parser.add_argument("--model", default="lenet", help="lenet (the article's) or smallcnn (our MNIST default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add rows with the model compiled as --compile on does (torch.compile, once)")
     args = parser.parse_args()
+    rows = ROWS + (COMPILED_ROWS if args.compile else [])
     torch.set_num_threads(1)
     images, labels, source = load_images(args.images)
     counts = torch.bincount(torch.from_numpy(labels), minlength=10).float()
     print(f"data: {source}, {len(labels)} images ({min(args.bf16_images, len(labels))} for bf16), batch "
-          f"{args.batch_size}, {args.steps} attack steps, eps {args.epsilon}, model lenet, 1 thread; "
+          f"{args.batch_size}, {args.steps} attack steps, eps {args.epsilon}, model {args.model}, 1 thread; "
           f"oneDNN bf16 kernels on this CPU: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
-    rate = {name: 0.0 for name, *_ in ROWS}
+    rate = {name: 0.0 for name, *_ in rows}
     for rep in range(args.repeats):  # interleaved, so drift on a shared machine hits all rows
-        for name, epoch, precision, channels_last in ROWS:
+        for name, epoch, precision, channels_last, compiled in rows:
             if precision == "bf16" and rep >= args.bf16_repeats:
                 continue
             n = min(args.bf16_images, len(labels)) if precision == "bf16" else len(labels)
             torch.manual_seed(rep)
-            model = build_model("lenet", (1, *images.shape[1:]), 10)
-            extra = () if precision is None else (precision, channels_last)
+            model = build_model(args.model, (1, *images.shape[1:]), 10)
+            extra = () if precision is None else (precision, channels_last, compiled)
             seconds = epoch(model, images[:n], labels[:n], counts, args, *extra)
             rate[name] = max(rate[name], n / seconds)
             print(f"  repeat {rep + 1}: {name:<24} {n / seconds:7.1f} adversarial examples/s", flush=True)
     breakdown(images, counts, args)
     print("profile of one attack step (forward + backward to the input), self CPU time:")
-    for _, _, precision, channels_last in ROWS[1:]:
+    for _, _, precision, channels_last, _ in ROWS[1:]:
         profile_step(images, counts, args, precision, channels_last)
     print(f"adversarial examples/s (best of {args.repeats}; bf16 best of {min(args.bf16_repeats, args.repeats)}):")
-    for name, *_ in ROWS:
+    for name, *_ in rows:
         print(f"  {name:<24} {rate[name]:7.1f}   {rate[name] / rate['article']:.2f}x the article recipe")
-    best_ours = max((name for name, *_ in ROWS[1:]), key=rate.get)
+    if args.compile:
+        pairs = [("fp32", "ours fp32 compiled", "ours fp32"), ("bf16 channels_last", "ours bf16 cl compiled",
+                                                              "ours bf16 channels_last")]
+        print("compiled / eager: " + ", ".join(f"{what} {rate[c] / rate[e]:.2f}x" for what, c, e in pairs if rate[e]))
+    best_ours = max((name for name, *_ in rows[1:]), key=rate.get)
     print(f"throughput ratio ours ({best_ours}) / article: {rate[best_ours] / rate['article']:.2f}x; "
           f"bf16 / fp32: {rate['ours bf16 channels_last'] / rate['ours fp32']:.2f}x")
 

@@ -10,8 +10,8 @@ import json
 import os
 from typing import Optional, Sequence
 
-from .defaults import (AGGREGATORS, BYZANTINE_ATTACKS, CALFAT_PAPER_SCALE, CLIENT_WEIGHTINGS, DATASETS, FINAL_ATTACKS,
-                       METHODS, PARTITIONS, PRECISIONS, TRACK_ARTIFACTS, TRACKERS)
+from .defaults import (AGGREGATORS, BYZANTINE_ATTACKS, CALFAT_PAPER_SCALE, CLIENT_WEIGHTINGS, COMPILE_MODES, DATASETS,
+                       FINAL_ATTACKS, METHODS, PARTITIONS, PRECISIONS, TRACK_ARTIFACTS, TRACKERS)
 from .errors import ConfigError
 from .run_config import RunConfig
 from .schedule import LR_SCHEDULES
@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"model forwards while training, one of {', '.join(PRECISIONS)}: bf16 autocast (examples, "
                    "weights, optimizer and evaluation stay fp32); auto = bf16 where the GPU or CPU computes bf16 natively "
                    "(Ampere+ GPUs; CPUs with AMX-BF16/AVX512-BF16), else fp32")
+    g.add_argument("--compile", default=d.compile,
+                   help=f"torch.compile the model on every worker, one of {', '.join(COMPILE_MODES)}: fused C++ "
+                   "kernels on a CPU, Triton on a GPU, compiled once per worker (a minute or so); auto = where it "
+                   "measured faster: nowhere yet (not on this project's CPUs, no GPU measured); on falls back to "
+                   "eager, with one line, without a C++ compiler or Triton")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (cuDNN, cuBLAS workspace, torch.use_deterministic_algorithms): "
                    "the same model on any number of GPU workers and after a restart, at some speed cost")

@@ -18,6 +18,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_ON = ("driver", "nodes")
 ATTACK_STARTS = ("gaussian", "uniform")  # see attacks.kl_attack
 PRECISIONS = ("auto", "fp32", "bf16")  # see precision.py
+COMPILE_MODES = ("auto", "on", "off")  # torch.compile of the model; see precision.choose_compile
 FINAL_ATTACKS = ("none", "pgd-100", "apgd", "autoattack")  # see final_attack.py
 TRACKERS = ("mlflow", "wandb")  # --track names one or both (comma-separated), or none; see tracking.py
 TRACK_ARTIFACTS = ("all", "small", "none")  # all: + final and best models; small: curves.png and summary.json

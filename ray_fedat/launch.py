@@ -222,3 +222,37 @@ def build_worker_plan(cfg: RunConfig, data, parts, counts, use_gpu: bool, storag
         return WorkerPlan(**common, client_refs=client_refs, test_ref=ray.put((data.x_test, data.y_test)),
                           val_ref=ray.put((data.x_val, data.y_val)))
     return WorkerPlan(**common, partition=[p.astype(np.int64) for p in parts], data_digest=data_digest(data))
+
+
+# Ray Train's default callbacks that start an actor (a Python process importing Ray Train, on
+# this project's 2-core machine about 1.5 s of CPU each, beside the workers' own start-up) that
+# a run here does not use:
+# - DatasetsCallback starts a DatasetManager for Ray Datasets; the workers fetch their clients'
+#   shards themselves and the trainer gets no datasets.
+# - PlacementGroupCleanerCallback starts a detached cleaner that removes the placement group
+#   if the controller dies ungracefully. A local Ray's placement groups go with it (the CLI's
+#   own Ray) or with the process that started it; a cluster keeps the cleaner.
+UNUSED_WITHOUT_DATASETS = "DatasetsCallback"
+UNUSED_ON_LOCAL_RAY = "PlacementGroupCleanerCallback"
+
+
+def unused_callbacks(has_datasets: bool, local_ray: bool) -> set:
+    """The names of Ray Train's default callbacks a run can do without (see above)."""
+    return ({UNUSED_WITHOUT_DATASETS} if not has_datasets else set()) | ({UNUSED_ON_LOCAL_RAY} if local_ray else set())
+
+
+def lean_trainer(local_ray: bool, **kwargs):
+    """A TorchTrainer that starts none of the actors `unused_callbacks` names. Ray Train builds
+    its default callbacks in a private method; where that method is missing (another Ray
+    version), the plain TorchTrainer runs, with its actors."""
+    from ray.train.torch import TorchTrainer
+
+    class FederatedTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            unused = unused_callbacks(bool(self.datasets), local_ray)
+            return [cb for cb in callbacks if type(cb).__name__ not in unused]
+
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer(**kwargs)
+    return FederatedTrainer(**kwargs)

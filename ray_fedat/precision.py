@@ -228,3 +228,40 @@ def deterministic_env_vars(deterministic: bool) -> dict:
     if not deterministic:
         return {}
     return {"CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)}
+
+
+# What `--compile auto` means: eager until torch.compile has measured faster somewhere.
+# benchmarks/local_throughput.py on this project's 2-core AMD EPYC (AVX2, fp32): SmallCNN's
+# CalFAT step was no faster compiled (inductor fuses the pointwise ops; the convolutions and
+# matmuls, which are the time, stay oneDNN/BLAS calls) and the first call compiled for about a
+# minute. No GPU has measured it yet (benchmarks/gpu_check.sh does).
+COMPILE_AUTO_REASON = {"cpu": "auto: eager (torch.compile measured no faster on this project's CPUs)",
+                       "cuda": "auto: eager (torch.compile not measured on a GPU yet)"}
+
+
+def compile_toolchain_missing(device: torch.device) -> Optional[str]:
+    """What torch.compile lacks to generate kernels for `device` here, or None: a C++ compiler
+    for a CPU (inductor writes C++), Triton for a GPU."""
+    import shutil
+
+    if device.type == "cuda":
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:
+            return "this torch has no Triton support"
+        return None if has_triton() else "Triton is not installed"
+    if os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return None
+    return "no C++ compiler (g++, c++ or clang++) is on PATH"
+
+
+def choose_compile(requested: str, device: torch.device) -> Tuple[bool, str]:
+    """(whether this worker compiles its model, why), for --compile auto|on|off."""
+    if requested == "off":
+        return False, "--compile off"
+    if requested == "auto":
+        return False, COMPILE_AUTO_REASON.get(device.type, COMPILE_AUTO_REASON["cpu"])
+    missing = compile_toolchain_missing(device)
+    if missing:
+        return False, f"--compile on, but {missing}: eager"
+    return True, "--compile on"

@@ -11,8 +11,9 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from .defaults import (AGGREGATORS, CLIENT_WEIGHTINGS, ATTACK_STARTS, BYZANTINE_ATTACKS, DATA_ON, DATASET_DEFAULTS, DATASETS, DEVICES,
-                       FINAL_ATTACKS, METHODS, PARTITIONS, PRECISIONS, TRACK_ARTIFACTS, TRACKERS)
+from .defaults import (AGGREGATORS, ATTACK_STARTS, BYZANTINE_ATTACKS, CLIENT_WEIGHTINGS, COMPILE_MODES, DATA_ON,
+                       DATASET_DEFAULTS, DATASETS, DEVICES, FINAL_ATTACKS, METHODS, PARTITIONS, PRECISIONS,
+                       TRACK_ARTIFACTS, TRACKERS)
 from .errors import ConfigError
 from .schedule import LR_SCHEDULES
 
@@ -84,6 +85,7 @@ class RunConfig:
     cpus_per_worker: int = 1
     device: str = "auto"
     precision: str = "auto"
+    compile: str = "auto"
     deterministic: bool = False
     address: Optional[str] = None
     storage_path: str = "./runs"
@@ -155,6 +157,7 @@ class RunConfig:
         need(self.aggregator in AGGREGATORS, f"--aggregator {self.aggregator!r} is not one of {', '.join(AGGREGATORS)}")
         need(self.device in DEVICES, f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
         need(self.precision in PRECISIONS, f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        need(self.compile in COMPILE_MODES, f"--compile {self.compile!r} is not one of {', '.join(COMPILE_MODES)}")
         need(self.model in MODELS, f"--model {self.model!r} is not one of {', '.join(sorted(MODELS))}")
         need(self.workers >= 1, f"--workers must be >= 1 (got {self.workers})")
         need(self.cpus_per_worker >= 1, f"--cpus-per-worker must be >= 1 (got {self.cpus_per_worker})")

@@ -17,8 +17,8 @@ from .config import parse_config
 from .defaults import DATASET_DEFAULTS
 from .errors import ConfigError, RunFailed, fail, root_cause
 from .launch import (REPORT_POLL_INTERVAL_S, build_worker_plan, connect_ray, default_name, describe_data,
-                     joins_cluster, pinned_nodes, plan_placement, plan_storage_and_nodes, training_share,
-                     worker_env)
+                     joins_cluster, lean_trainer, pinned_nodes, plan_placement, plan_storage_and_nodes,
+                     training_share, worker_env)
 from .monitoring import enable_state_tracking, submission_id, watch_lines
 from .run_config import RunConfig, recipe_rounds_warning
 
@@ -172,7 +172,7 @@ def run(cfg: RunConfig, callbacks: Sequence = (), tracking: Optional[dict] = Non
     import ray
     import ray.train
     from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from .final_attack import attempt_final_attack, final_attack_error, record_final_attack
     from .precision import deterministic_env_vars
@@ -194,8 +194,8 @@ def run(cfg: RunConfig, callbacks: Sequence = (), tracking: Optional[dict] = Non
         # With --time-budget the workers plan their rounds to end before this wall-clock time.
         deadline = launched + training_share(cfg) * cfg.time_budget if cfg.time_budget else None
         plan = build_worker_plan(cfg, data, parts, counts, use_gpu, storage, deadline)
-        trainer = TorchTrainer(
-            train_loop_per_worker,
+        trainer = lean_trainer(
+            not joins_cluster(cfg), train_loop_per_worker=train_loop_per_worker,
             train_loop_config={"plan": plan},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
@@ -278,6 +278,14 @@ def print_header(cfg: RunConfig, name: str, run_dir: str, where: str, placement:
               flush=True)
     elif not cfg.time_budget and recipe_rounds_warning(cfg, cfg.rounds):
         print(f"ray_fedat: {recipe_rounds_warning(cfg, cfg.rounds)}", flush=True)
+    if cfg.compile == "on" and not use_gpu:
+        import torch
+
+        from .precision import compile_toolchain_missing
+
+        missing = compile_toolchain_missing(torch.device("cpu"))
+        if missing:  # the workers find the same on this machine; on a cluster each checks its own node
+            print(f"ray_fedat: --compile on, but {missing}: the workers train eager", flush=True)
     for line in watch_lines(name, owns_ray and not joins_cluster(cfg)):
         print(line)
 

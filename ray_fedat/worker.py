@@ -39,7 +39,7 @@ from .run_config import RunConfig, eval_batch_size_for
 from .federation import ClientUpdates, assign_clients, generator_for, sample_clients, world_and_rank
 from .models import build_model
 from .monitoring import worker_round_line
-from .precision import configure_backends, device_name, prepare_model, run_precision
+from .precision import choose_compile, configure_backends, device_name, prepare_model, run_precision
 from .schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds, schedule_round
 from .storage import RankStorage, sees_marker, storage_rank
 
@@ -283,12 +283,16 @@ def set_up(plan: WorkerPlan, loop_started_at: float) -> Worker:
     torch.manual_seed(cfg.seed)  # same initial global model on every rank
     model = prepare_model(build_model(cfg.model, plan.shape, plan.num_classes), device, precision)
     check_device(model, device, plan.use_gpu)
+    compiled, compile_reason = choose_compile(cfg.compile, device)
+    if compiled:  # in place: the state_dict keys, parameters and train/eval switches stay the model's
+        model.compile()
     writer_rank = agree_on_storage_rank(plan.storage, cfg.storage_path, device)
     first_round, best, planned = restore_state(model, writer_rank, device)
     global_vec, spec = flatten_state(model.state_dict())
     identity = {**worker_identity(device), "writes_checkpoints": rank == writer_rank, "precision": precision,
                 "deterministic": torch.are_deterministic_algorithms_enabled(), "precision_reason": precision_reason,
-                "loop_started_at": loop_started_at, "data_ready_at": data_ready_at}
+                "compiled": compiled, "compile_reason": compile_reason, "loop_started_at": loop_started_at,
+                "data_ready_at": data_ready_at}
     planner = RoundPlanner(cfg, plan.deadline, device)
     planner.restore(planned)
     return Worker(plan=plan, cfg=cfg, rank=rank, device=device, model=model, spec=spec,

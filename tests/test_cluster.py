@@ -188,17 +188,27 @@ def cluster(tmp_path_factory):
         yield c
 
 
+# The README run's length; the killed-worker run below trains the same and must end equal to it.
+ROUNDS = ("--rounds", "5", "--local-epochs", "2")
+
+
+@pytest.fixture(scope="module")
+def readme_run(cluster):
+    """The README's command on the head, uninterrupted: (its result, its run dir)."""
+    train = cluster.train(*ROUNDS, "--name", "readme")
+    return train, cluster.storage / "readme"
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_strangers(cluster, tmp_path):
+def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_strangers(cluster, readme_run, tmp_path):
     c = cluster
-    train = c.train("--rounds", "2", "--name", "readme")
+    train, run_dir = readme_run
     assert train.returncode == 0, train.stderr[-3000:]
     assert "one worker per node (2 of 2 nodes)" in train.stdout
-    run_dir = c.storage / "readme"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert sorted(w["node_ip"] for w in summary["workers"]) == [c.ips["head"], c.ips["worker"]]
-    assert summary["rounds_completed"] == 2
+    assert summary["rounds_completed"] == 5
     writer = [w for w in summary["workers"] if w["writes_checkpoints"]]
     assert [w["node_ip"] for w in writer] == [c.ips["head"]]  # the storage is on the head's disk only
     assert any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
@@ -262,16 +272,15 @@ def kill_worker_after_round(proc, run_dir, after_round, node_ip=None):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster):
+def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster, readme_run):
     """Rank 0 on the worker host, which has none of the run's files, and rank 1 on the head,
     which writes the checkpoints: the killed worker is rank 0, so the restarted group restores
-    across the hosts, and the --resume after it once more. (Rank 0 on the head is the README
-    run's placement above.)"""
+    across the hosts, and the --resume after it once more. It ends equal to the README run,
+    which had rank 0 on the head and nothing killed."""
     c = cluster
     rank0 = "worker"
-    rounds = ["--rounds", "5", "--local-epochs", "2"]
-    plain_dir = c.storage / "plain"
-    plain = c.train(*rounds, "--name", "plain")  # the uninterrupted reference
+    rounds = list(ROUNDS)
+    plain, plain_dir = readme_run  # the uninterrupted reference
     assert plain.returncode == 0, plain.stderr[-3000:]
 
     # Rank 0 lands where Ray creates the first worker: --worker-nodes forces it.

@@ -372,3 +372,50 @@ def test_an_npz_with_the_cifar10_preset_is_augmented(tmp_path):
     assert load_dataset(RunConfig(dataset="npz", data_file=str(path), preset="cifar10")).augment
     assert not load_dataset(RunConfig(dataset="npz", data_file=str(path), preset="mnist")).augment
     assert not load_dataset(RunConfig(dataset="npz", data_file=str(path))).augment
+
+
+def test_compile_is_chosen_per_worker_and_falls_back_to_eager_without_a_compiler(monkeypatch):
+    from ray_fedat.precision import choose_compile
+
+    assert choose_compile("off", CPU) == (False, "--compile off")
+    compiled, why = choose_compile("auto", CPU)
+    assert not compiled and why.startswith("auto: eager")
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}" if name == "g++" else None)
+    assert choose_compile("on", CPU) == (True, "--compile on")
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    compiled, why = choose_compile("on", CPU)
+    assert not compiled and why == "--compile on, but no C++ compiler (g++, c++ or clang++) is on PATH: eager"
+    with pytest.raises(ConfigError, match="--compile 'yes' is not one of auto, on, off"):
+        parse_config(["--dataset", "digits", "--compile", "yes"])
+
+
+@pytest.mark.slow
+def test_compiled_training_gives_the_eager_model_within_tolerance(digits):
+    """The worker's `model.compile()` (--compile on) against eager, in the precision tests'
+    tolerance: the attack's forward and input gradient in eval mode, and a client round (with a
+    last batch of another size: a second compiled shape). The round trains naturally: the
+    attacks' sign steps turn any last-bit difference into a whole step, so an adversarial
+    round's model is compared by the quantities above, not by its weights."""
+    from ray_fedat.precision import compile_toolchain_missing
+
+    if compile_toolchain_missing(DEVICE):
+        pytest.skip(f"torch.compile cannot run here: {compile_toolchain_missing(DEVICE)}")
+    shard = shard_of(digits, 80).to(DEVICE)  # batches of 32, 32 and 16
+    x = to_float(shard.x[:32]).requires_grad_(True)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = prepare_model(build_model("smallcnn", digits.shape, 10), DEVICE)
+        if compiled:
+            model.compile()
+        model.eval()
+        logits = model(x)
+        (grad,) = torch.autograd.grad(F.cross_entropy(logits, shard.y[:32]), x)
+        loss = train_client(model, shard, local_cfg("natural", 2, "fp32"), generator_for(0, 1, 0), DEVICE)
+        results.append((logits.detach(), grad, loss, model.state_dict()))
+    (logits, grad, loss, eager), (c_logits, c_grad, c_loss, compiled) = results
+    assert torch.allclose(logits, c_logits, atol=1e-5) and torch.allclose(grad, c_grad, atol=1e-5)
+    assert eager.keys() == compiled.keys()  # in place: checkpoints and aggregation see the same names
+    assert c_loss == pytest.approx(loss, rel=1e-5)
+    assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) <= 1e-5

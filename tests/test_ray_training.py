@@ -179,6 +179,17 @@ def test_retention_and_best_models_chosen_on_validation(federated_run):
     assert best_nat["metrics"]["val_natural_acc"] == max(r["val_natural_acc"] for r in records)
 
 
+def test_a_run_starts_no_ray_train_actor_it_does_not_use(federated_run):
+    """No DatasetManager (the run passes no Ray Datasets) and, on a local Ray, no placement-group
+    cleaner: each is a process importing Ray Train, started beside the workers (launch.lean_trainer).
+    Every run in this session's Ray went through run(), so none may ever have started one."""
+    import ray._private.state
+
+    started = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+    assert {"TrainController", "RayTrainWorker"} <= started, started
+    assert not started & {"DatasetManager", "PlacementGroupCleaner"}, started
+
+
 def test_dry_run_prints_the_partition_table_and_starts_nothing(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--clients", "5",
                            "--partition", "shards", "--shards-per-client", "2", "--dry-run",
