@@ -9,7 +9,9 @@ fit, ray.shutdown); the workers' own timestamps (their loop start, data ready, r
 and ends) come from summary.json and metrics.jsonl. Prints one row per phase and the total
 outside the rounds, which issue 24 wants at or under 6 s. With --variant, every run is
 repeated with those environment variables set (interleaved: as-is, variant, as-is, ...), and
-the last line compares the two. With --floor, it also times Ray's own floor on the same
+the last line compares the two (`--variant STARTUP_ALL_TRAIN_ACTORS=1` runs the plain
+TorchTrainer, with the DatasetManager and placement-group cleaner actors that
+launch.lean_trainer leaves out). With --floor, it also times Ray's own floor on the same
 machine (ray.init, a TorchTrainer whose loop only reports once, shutdown, exit) and prints
 ours over it last.
 """
@@ -24,7 +26,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 t_exec = time.time()
 import ray
 import ray_fedat.launch as L
@@ -47,6 +49,8 @@ T.connect_ray = timed("ray_start", T.connect_ray)
 T.build_worker_plan = timed("payload", T.build_worker_plan)
 T.fit_with_progress = timed("fit", T.fit_with_progress)
 ray.shutdown = timed("shutdown", ray.shutdown)
+if os.environ.get("STARTUP_ALL_TRAIN_ACTORS"):  # --variant STARTUP_ALL_TRAIN_ACTORS=1: Ray Train's every actor
+    L.unused_callbacks = lambda *args: set()
 try:
     T.main(sys.argv[2:])
 finally:
