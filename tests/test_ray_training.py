@@ -1,6 +1,8 @@
 """Real Ray Train runs on a local Ray (one shared instance, see conftest.ray_session)."""
+import glob
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -40,19 +42,26 @@ def max_abs_diff(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-@pytest.mark.slow
-def test_cli_end_to_end_on_local_ray_with_two_workers(tmp_path):
-    # The default final attack (APGD-CE + APGD-T) on 100 fixed images: the path, not the number.
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """The CLI as a user runs it, with the default final attack (APGD-CE + APGD-T) on 100 fixed
+    images (the path, not the number): (the finished process, its run dir)."""
+    storage = tmp_path_factory.mktemp("cli")
     proc = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
-                           "--rounds", "2", "--final-samples", "100", "--storage-path", str(tmp_path), "--name", "e2e"],
+                           "--rounds", "2", "--final-samples", "100", "--storage-path", str(storage), "--name", "e2e"],
                           capture_output=True, text=True, timeout=600)
+    return proc, storage / "e2e"
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_local_ray_with_two_workers(cli_run):
+    proc, run_dir = cli_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "round   2/2" in proc.stdout and "Traceback" not in proc.stderr
     # Round 1 is scored on validation only (--test-every 5), the last round on both.
     assert "round   1/2  val nat" in proc.stdout
     # A private local Ray keeps its token and says nothing about it (no advice to disable it).
     assert "RAY_AUTH_MODE" not in proc.stdout + proc.stderr and "Token authentication" not in proc.stderr
-    run_dir = tmp_path / "e2e"
     for name in ("metrics.jsonl", "summary.json", "final_model.pt", "best_natural.pt", "best_robust.pt"):
         assert (run_dir / name).is_file(), name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -188,6 +197,60 @@ def test_a_run_starts_no_ray_train_actor_it_does_not_use(federated_run):
     started = {a["ActorClassName"] for a in ray._private.state.actors().values()}
     assert {"TrainController", "RayTrainWorker"} <= started, started
     assert not started & {"DatasetManager", "PlacementGroupCleaner"}, started
+
+
+def read_tensorboard_scalars(run_dir):
+    """Parse the TFRecord event files with tensorboardX's protobufs: {tag: [(step, value)]}."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
+        with open(path, "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12: offset + 12 + length])
+            offset += 12 + length + 4
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return scalars
+
+
+@pytest.mark.slow
+def test_report_curves_and_tensorboard_for_two_runs(cli_run, federated_run):
+    """`python -m ray_fedat.report` over two finished runs (the CLI run, with its final attack, and
+    the federated one), their curves.png and the CLI run's TensorBoard scalars."""
+    _, dir_a = cli_run
+    summary_b, _, dir_b = federated_run
+    summary_a = json.loads((dir_a / "summary.json").read_text())
+    records_a = [json.loads(line) for line in (dir_a / "metrics.jsonl").read_text().splitlines()]
+    for run_dir in (dir_a, dir_b):
+        with open(os.path.join(run_dir, "curves.png"), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        import matplotlib.image
+
+        assert matplotlib.image.imread(os.path.join(run_dir, "curves.png")).shape[0] > 100
+    scalars = read_tensorboard_scalars(dir_a)
+    tested = [r for r in records_a if r["natural_acc"] is not None]  # the test set: round 2 only (--test-every 5)
+    assert [step for step, _ in scalars["natural_acc"]] == [r["round"] for r in tested] == [2]
+    assert [v for _, v in scalars["robust_acc"]] == pytest.approx([r["robust_acc"] for r in tested])
+    assert [step for step, _ in scalars["val_natural_acc"]] == [1, 2]
+    headline = summary_a["headline"]  # the final attack's number, at the last round
+    assert scalars["final_attack/final_robust_acc"] == [(2, pytest.approx(headline["robust_acc"]))]
+
+    proc = subprocess.run([sys.executable, "-m", "ray_fedat.report", str(dir_a), dir_b], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split()[:3] == ["run", "dataset", "method"]
+    row_a = next(ln for ln in lines if ln.startswith("e2e "))
+    assert "calfat" in row_a and f"{100 * records_a[-1]['robust_acc']:.1f}%" in row_a
+    assert f"{100 * headline['robust_acc']:.1f}% APGD-CE + APGD-T, {headline['images']} images" in row_a
+    assert any(ln.startswith("fed ") and summary_b["config"]["method"] in ln for ln in lines)
+    bad = subprocess.run([sys.executable, "-m", "ray_fedat.report", os.path.join(dir_b, "nope")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no summary.json" in bad.stderr
 
 
 def test_dry_run_prints_the_partition_table_and_starts_nothing(tmp_path):

@@ -2,7 +2,6 @@
 import glob
 import json
 import os
-import struct
 import subprocess
 import sys
 
@@ -61,57 +60,6 @@ def test_print_config_shows_the_resolved_configuration_and_exits(tmp_path, capsy
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["rounds"] == 7 and shown["lr"] == 0.5 and shown["epsilon"] == 0.3
     assert shown["attack_steps"] == DATASET_DEFAULTS["mnist"].attack_steps  # per-dataset defaults filled in
-
-
-def read_tensorboard_scalars(run_dir):
-    """Parse the TFRecord event files with tensorboardX's protobufs: {tag: [(step, value)]}."""
-    from tensorboardX.proto import event_pb2
-
-    scalars = {}
-    for path in glob.glob(os.path.join(run_dir, "events.out.tfevents.*")):
-        with open(path, "rb") as f:
-            data = f.read()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12: offset + 12 + length])
-            offset += 12 + length + 4
-            for v in event.summary.value:
-                scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
-    return scalars
-
-
-@pytest.mark.ray
-def test_report_curves_and_tensorboard_for_two_runs(tmp_path, ray_session):
-    from test_ray_training import train
-
-    summary_a, records_a, dir_a = train(tmp_path, "a", "--rounds", "3", "--test-every", "1", "--final-attack", "apgd",
-                                      "--final-samples", "100")
-    _, _, dir_b = train(tmp_path, "b", "--rounds", "2", "--method", "pgd", "--final-attack", "none")
-    for run_dir in (dir_a, dir_b):
-        with open(os.path.join(run_dir, "curves.png"), "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-        import matplotlib.image
-
-        assert matplotlib.image.imread(os.path.join(run_dir, "curves.png")).shape[0] > 100
-    scalars = read_tensorboard_scalars(dir_a)
-    assert [step for step, _ in scalars["natural_acc"]] == [1, 2, 3]
-    assert [v for _, v in scalars["robust_acc"]] == pytest.approx([r["robust_acc"] for r in records_a])
-    headline = summary_a["headline"]  # the final attack's number, at the last round
-    assert scalars["final_attack/final_robust_acc"] == [(3, pytest.approx(headline["robust_acc"]))]
-
-    proc = subprocess.run([sys.executable, "-m", "ray_fedat.report", dir_a, dir_b], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0].split()[:3] == ["run", "dataset", "method"]
-    row_a = next(ln for ln in lines if ln.startswith("a "))
-    assert "calfat" in row_a and f"{100 * records_a[-1]['robust_acc']:.1f}%" in row_a
-    assert f"{100 * headline['robust_acc']:.1f}% APGD-CE + APGD-T, {headline['images']} images" in row_a
-    assert any(ln.startswith("b ") and "pgd" in ln for ln in lines)
-    bad = subprocess.run([sys.executable, "-m", "ray_fedat.report", str(tmp_path / "nope")], capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode == 2 and "no summary.json" in bad.stderr
 
 
 def closed_port():
