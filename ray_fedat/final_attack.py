@@ -306,6 +306,7 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
             "images_digest": images_digest(chosen),
             "epsilon": cfg.epsilon,
             "rounds": {"final": final_round, "best_robust": best_round}, "models": results,
+            "models_attacked": len(states),
             "seconds": time.time() - started, "warning": weak_yardstick_warning(results, cfg.final_attack, yardstick)}
 
 

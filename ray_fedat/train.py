@@ -290,6 +290,15 @@ def print_header(cfg: RunConfig, name: str, run_dir: str, where: str, placement:
         print(line)
 
 
+def attack_pace(attack: dict) -> str:
+    """`1000 images x 2 models in 412 s (4.9 images/s, 2 workers)`: what the final attack cost."""
+    models = attack.get("models_attacked", 1)
+    seconds = max(attack.get("seconds") or 0.0, 1e-9)
+    return (f"{attack['images']} images x {models} model{'s' if models > 1 else ''} in {seconds:.0f} s "
+            f"({attack['images'] * models / seconds:.1f} images/s, {attack['workers']} "
+            f"worker{'s' if attack['workers'] > 1 else ''})")
+
+
 def print_summary(summary: dict, run_dir: str) -> None:
     from .final_attack import yardstick_name
     from .report import check_lines
@@ -298,6 +307,7 @@ def print_summary(summary: dict, run_dir: str) -> None:
     print(f"ray_fedat: done, {summary['rounds_completed']} rounds in {summary['wall_s']:.1f} s")
     if summary.get("headline"):
         print(f"  final model: {summary['headline']['text']}")
+        print(f"  final attack: {attack_pace(summary['final_attack'])}")
     test_images = images_note((final or {}).get("eval_images"))
     if final:
         yardstick = f"{yardstick_name(summary['config']['eval_steps'])} yardstick"

@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -91,6 +92,9 @@ def test_cli_end_to_end_on_local_ray_with_two_workers(cli_run):
     assert 0 <= final["robust_acc"] <= final["yardstick_acc"] + 0.02 and final["robust_acc"] <= final["natural_acc"]
     assert summary["headline"]["robust_acc"] == final["robust_acc"] and summary["headline"]["images"] == final["images"]
     assert f"final model: robust {100 * final['robust_acc']:.1f}% under APGD-CE + APGD-T" in proc.stdout
+    pace = re.search(r"final attack: 100 images x ([12]) models? in \d+ s \(([\d.]+) images/s, 2 workers\)", proc.stdout)
+    assert pace and int(pace.group(1)) == attack["models_attacked"], proc.stdout[-2000:]
+    assert float(pace.group(2)) == pytest.approx(100 * attack["models_attacked"] / attack["seconds"], rel=0.05, abs=0.1)
     assert records[-1]["final_attack"]["final_robust_acc"] == final["robust_acc"]
 
 
