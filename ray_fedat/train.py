@@ -307,7 +307,8 @@ def print_summary(summary: dict, run_dir: str) -> None:
     print(f"ray_fedat: done, {summary['rounds_completed']} rounds in {summary['wall_s']:.1f} s")
     if summary.get("headline"):
         print(f"  final model: {summary['headline']['text']}")
-        print(f"  final attack: {attack_pace(summary['final_attack'])}")
+        if summary["final_attack"].get("seconds"):
+            print(f"  final attack: {attack_pace(summary['final_attack'])}")
     test_images = images_note((final or {}).get("eval_images"))
     if final:
         yardstick = f"{yardstick_name(summary['config']['eval_steps'])} yardstick"

@@ -152,7 +152,8 @@ def fake_run(run_dir, checks):
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     model = {"natural_acc": 0.9, "yardstick_acc": 0.62, "robust_acc": 0.55, "images": 100, "checks": checks}
     final_attack = {"attack": "APGD-CE + APGD-T", "yardstick": "PGD-10 CE+margin", "images": 100, "epsilon": 0.1,
-                    "models": {"final": model, "best_robust": {**model, "checks": checks[:1]}}, "warning": None}
+                    "models": {"final": model, "best_robust": {**model, "checks": checks[:1]}}, "warning": None,
+                    "seconds": 12.5, "workers": 2, "models_attacked": 2}
     summary = {"status": "finished", "error": None, "rounds_completed": 2, "wall_s": 3.0, "final": records[-1],
                "best": {"natural": None, "robust": {"round": 2, "robust_acc": 0.62, "natural_acc": 0.9,
                                                     "chosen_on": "test", "file": "best_robust.pt"}},
@@ -180,6 +181,7 @@ def test_every_robust_number_says_its_images_and_autoattack_checks_are_printed(t
     assert "robust 62.0% (PGD-10 CE+margin yardstick, test, 360 images)" in out
     assert "best robust: test 62.0%, 360 images at round 2" in out
     assert "clients (test, 360 images, own label mix)" in out
+    assert "  final attack: 100 images x 2 models in 12 s (16.0 images/s, 2 workers)" in out
     assert "  AutoAttack check (final, best_robust): there are 3 points with zero gradient!" in out
     assert "  AutoAttack check (final): it seems to be a randomized defense!" in out
     table = format_table([summarize(str(tmp_path / "a"))])
