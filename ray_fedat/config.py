@@ -172,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(Ampere+ GPUs; CPUs with AMX-BF16/AVX512-BF16), else fp32")
     g.add_argument("--compile", default=d.compile,
                    help=f"torch.compile the model on every worker, one of {', '.join(COMPILE_MODES)}: fused C++ "
-                   "kernels on a CPU, Triton on a GPU, compiled once per worker (a minute or so); auto = where it "
-                   "measured faster: nowhere yet (not on this project's CPUs, no GPU measured); on falls back to "
+                   "kernels on a CPU, Triton on a GPU, compiled in each worker's first round (20-50 s on a 2-core CPU); "
+                   "auto = where it measured faster: nowhere yet (0.87x on this project's CPU, no GPU measured); on "
+                   "falls back to "
                    "eager, with one line, without a C++ compiler or Triton")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (cuDNN, cuBLAS workspace, torch.use_deterministic_algorithms): "

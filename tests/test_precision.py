@@ -419,3 +419,22 @@ def test_compiled_training_gives_the_eager_model_within_tolerance(digits):
     assert eager.keys() == compiled.keys()  # in place: checkpoints and aggregation see the same names
     assert c_loss == pytest.approx(loss, rel=1e-5)
     assert max((eager[k] - compiled[k]).abs().max().item() for k in eager) <= 1e-5
+
+
+def test_compile_on_without_a_compiler_says_so_in_one_line_before_training(monkeypatch, capsys):
+    """The driver's header: `--compile on` on a CPU run without a C++ compiler is one console line
+    (the workers then train eager, precision.choose_compile)."""
+    from ray_fedat.train import print_header
+
+    cfg = parse_config(["--dataset", "digits", "--compile", "on"])
+    header = dict(name="r", run_dir="/tmp/r", where="local Ray", placement="2 workers", use_gpu=False,
+                  storage_note="", owns_ray=False)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: f"/usr/bin/{name}" if name == "g++" else None)
+    print_header(cfg, **header)
+    assert "--compile" not in capsys.readouterr().out  # a compiler is there: nothing to say
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    print_header(cfg, **header)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "--compile" in ln]
+    assert lines == ["ray_fedat: --compile on, but no C++ compiler (g++, c++ or clang++) is on PATH: the workers "
+                     "train eager"]
