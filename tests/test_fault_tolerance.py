@@ -1,10 +1,12 @@
-"""Checkpoints, resume and surviving a killed worker (real Ray Train runs)."""
+"""Checkpoints, resume and surviving a killed worker (real Ray Train runs; the faulted CLI run keeps
+its checkpoints in a real S3 store, the `s3` fixture in conftest.py)."""
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +40,8 @@ def same_rounds(records):
 # The interrupted run: 6 rounds, so the kill after round 2 and the Ctrl-C in the first round the
 # restarted group records land before the run ends by itself. It ends equal to one uninterrupted
 # reference.
-INTERRUPTED = ["--rounds", "6", "--eval-samples", "100", *SCHEDULE]
+# --deterministic: the dashboard must show what the driver does send the workers (its cuBLAS setting).
+INTERRUPTED = ["--rounds", "6", "--eval-samples", "100", "--deterministic", *SCHEDULE]
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +51,8 @@ def uninterrupted(tmp_path_factory, ray_session):
     return records, run_dir
 
 
-def start_cli(tmp_path, name, *extra):
-    return subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", *INTERRUPTED, *extra,
-                             "--storage-path", str(tmp_path), "--name", name],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_records(proc, run_dir, done, what):
-    """Poll metrics.jsonl until `done(records)`; fail with the run's stderr if it ends or stalls first."""
+def wait_for_records(proc, run_dir, done, what, console):
+    """Poll metrics.jsonl until `done(records)`; fail with the run's console if it ends or stalls first."""
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         records = read_records(run_dir)
@@ -63,48 +60,86 @@ def wait_for_records(proc, run_dir, done, what):
             return records
         time.sleep(0.05)
     proc.kill()
-    raise AssertionError(f"the run ended or stalled before {what}: {proc.communicate()[1][-3000:]}")
+    raise AssertionError(f"the run ended or stalled before {what}:\n" + "\n".join(console.lines[-40:]))
 
 
 @pytest.mark.slow
-def test_a_killed_worker_then_ctrl_c_then_resume_and_an_extension_end_with_the_uninterrupted_model(
-        tmp_path, uninterrupted):
-    """One CLI run meets both faults a user meets: a worker SIGKILLed after round 2 (the group
-    restarts from the last checkpoint and goes on), then Ctrl-C in a round the restarted group
-    ran (a clean stop). --resume finishes it equal to the uninterrupted run, round by round,
-    and `--resume --rounds N` extends it with the plan's last lr and attack."""
-    from ray_fedat.config import parse_config
-    from ray_fedat.train import run
+def test_a_killed_worker_then_ctrl_c_then_resume_and_an_extension_on_s3_end_with_the_uninterrupted_model(
+        tmp_path, uninterrupted, s3):
+    """One CLI run meets both faults a user meets, with its checkpoints in an S3 store (a real
+    SeaweedFS server) and its own files in a local --output-dir: a worker SIGKILLed after round
+    2 (the group restarts from the store's last checkpoint and goes on), then Ctrl-C in a round
+    the restarted group ran (a clean stop). `--resume` finishes it from the store, equal to the
+    uninterrupted run round by round, and `--resume --rounds N` extends it with the plan's last
+    lr and attack. The run has the dashboard on with token authentication: the dashboard's job,
+    actor and task APIs (which show every runtime_env to anyone with the token) never hold the
+    secret key, and nothing the runs printed or wrote holds it either."""
+    import secrets as tokens
 
-    proc = start_cli(tmp_path, "cut", "--max-failures", "1")
-    run_dir = str(tmp_path / "cut")
-    wait_for_records(proc, run_dir, lambda records: len(records) >= 2, "a worker could be killed")
-    with open(os.path.join(run_dir, "workers.json")) as f:
-        victim = next(w for w in json.load(f) if w["rank"] == 1)
-    os.kill(victim["pid"], signal.SIGKILL)
-    killed_after = len(read_records(run_dir))
-    wait_for_records(proc, run_dir, lambda records: any(r["resumed_from"] > 1 for r in records),
-                     "a round ran in a restarted worker group")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-3000:]
+    import pyarrow.fs
 
-    # The kill: the group restarted from a checkpoint (not round 1) in new processes.
-    records = read_records(run_dir)
+    from conftest import S3_SECRET as SECRET
+    from test_monitoring import Console, get
+
+    uri, fs, env = s3
+    out = tmp_path / "out"
+    token = tokens.token_hex(32)
+    run_env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    run_env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", *INTERRUPTED, "--dashboard", "--storage-path", uri, "--name", "cut",
+                             "--output-dir", str(out), "--max-failures", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env)
+    console = Console(proc)
+    try:
+        dashboard = console.wait_for(r"ray_fedat: dashboard (http://127\.0\.0\.1:\d+)", proc, 240).group(1)
+        console.wait_for(r"round\s+1/6", proc, 300)  # the workers run: their actors exist
+        shown = {}
+        for api in ("/api/jobs/", "/api/v0/actors?detail=1&limit=1000", "/api/v0/tasks?detail=1&limit=1000"):
+            status, body = get(dashboard + api, token, timeout=60)
+            assert status == 200, (api, status, body[:300])
+            shown[api] = body
+        wait_for_records(proc, out, lambda records: len(records) >= 2, "a worker could be killed", console)
+        with open(out / "workers.json") as f:
+            victim = next(w for w in json.load(f) if w["rank"] == 1)
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_after = len(read_records(out))
+        wait_for_records(proc, out, lambda records: any(r["resumed_from"] > 1 for r in records),
+                         "a round ran in a restarted worker group", console)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    console.thread.join(timeout=10)
+    printed = "\n".join(console.lines)
+    assert proc.returncode == 130, printed[-3000:]
+
+    # The kill: the group restarted from a checkpoint in the store (not round 1) in new processes.
+    records = read_records(out)
     restarted = [r for r in records if r["resumed_from"] > 1]
     assert 2 <= restarted[0]["resumed_from"] <= killed_after + 1
     assert all(r["resumed_from"] == 1 for r in records[: restarted[0]["resumed_from"] - 1])
+    stored = [f.path for f in fs.get_file_info(pyarrow.fs.FileSelector("rayfedat/runs/cut", recursive=True))]
+    assert any("/checkpoint_" in p and p.endswith("/model.pt") for p in stored), stored
+    assert not any(p.name.startswith("checkpoint_") for p in out.iterdir())  # checkpoints: only in the store
+    assert not (tmp_path / "s3:").exists() and not Path("s3:").exists()
     # The Ctrl-C: one line saying how to go on, and everything written so far kept.
-    assert "interrupted after round" in err and "--resume" in err and "Traceback" not in err
+    assert "interrupted after round" in printed and "--resume" in printed and "Traceback" not in printed
     cut_at = len(records)
     assert 3 <= cut_at < 6, "the run was not cut short"
-    with open(os.path.join(run_dir, "summary.json")) as f:
+    with open(out / "summary.json") as f:
         summary = json.load(f)
     assert summary["status"] == "interrupted" and summary["rounds_completed"] == cut_at
     assert victim["pid"] not in [w["pid"] for w in summary["workers"]]
 
-    run(parse_config(["--resume", run_dir]))  # no --rounds: it finishes the run it had planned
-    resumed = read_records(run_dir)
+    def resume(*extra):
+        done = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--resume", str(out), *extra],
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    printed += resume()  # no --rounds: it finishes the run it had planned
+    resumed = read_records(out)
     full, full_dir = uninterrupted
     assert [r["round"] for r in resumed] == list(range(1, 7))
     # Every round as in the uninterrupted run: the same lr, attack, scores, and evaluated on the
@@ -113,20 +148,34 @@ def test_a_killed_worker_then_ctrl_c_then_resume_and_an_extension_end_with_the_u
     assert same_rounds(resumed) == same_rounds(full)
     assert [r["round"] for r in resumed if r["val_natural_acc"] is not None] == [1, 4, 6]
     assert [r["round"] for r in resumed if r["natural_acc"] is not None] == [6]
-    assert max_abs_diff(final_state(run_dir), final_state(full_dir)) <= 1e-6
+    assert max_abs_diff(final_state(out), final_state(full_dir)) <= 1e-6
 
     # README: `--resume DIR --rounds N` past the run's plan trains the new rounds with the plan's
     # last-round lr and attack (a cosine lr does not jump back up).
-    run(parse_config(["--resume", run_dir, "--rounds", "8"]))
-    extended = read_records(run_dir)
+    printed += resume("--rounds", "8")
+    extended = read_records(out)
     assert [r["round"] for r in extended] == list(range(1, 9))
     assert [r["resumed_from"] for r in extended[6:]] == [7, 7]
     assert comparable(extended[:6]) == comparable(resumed)  # the planned rounds, untouched
     assert extended[5]["lr"] < extended[0]["lr"] and extended[5]["attack_steps"] == 7  # cosine; late after 0.6 * 6
     assert [(r["lr"], r["attack_steps"]) for r in extended[6:]] == [(extended[5]["lr"], 7)] * 2
-    with open(os.path.join(run_dir, "summary.json")) as f:
+    with open(out / "summary.json") as f:
         saved = json.load(f)["config"]
-    assert (saved["rounds"], saved["schedule_rounds"]) == (8, 6)
+    assert (saved["rounds"], saved["schedule_rounds"], saved["storage_path"]) == (8, 6, uri)
+
+    # The secret: the workers inherit it from the nodes' environment; no API shows it.
+    actors = json.loads(shown["/api/v0/actors?detail=1&limit=1000"])["data"]["result"]["result"]
+    workers = [a for a in actors if a["class_name"] == "RayTrainWorker"]
+    assert len(workers) == 2 and all("serialized_runtime_env" in a for a in workers)
+    # what the driver does send (--deterministic's cuBLAS setting) is seen there
+    assert all("CUBLAS_WORKSPACE_CONFIG" in a["serialized_runtime_env"] for a in workers)
+    for api, body in shown.items():
+        assert SECRET not in body and "AWS_SECRET_ACCESS_KEY" not in body, api
+    # Nothing the three runs printed or wrote (metrics, summary, workers, curves, ...) holds it.
+    assert SECRET not in printed
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
 
 
 @pytest.mark.parametrize("make_bad", [
