@@ -10,8 +10,8 @@ and ends) come from summary.json and metrics.jsonl. Prints one row per phase and
 outside the rounds, which issue 24 wants at or under 6 s. With --variant, every run is
 repeated with those environment variables set (interleaved: as-is, variant, as-is, ...), and
 the last line compares the two (`--variant STARTUP_ALL_TRAIN_ACTORS=1` runs the plain
-TorchTrainer, with the DatasetManager and placement-group cleaner actors that
-launch.lean_trainer leaves out). With --floor, it also times Ray's own floor on the same
+TorchTrainer, with the DatasetManager and placement-group cleaner actors and the autoscaler
+request that launch.lean_trainer leaves out). With --floor, it also times Ray's own floor on the same
 machine (ray.init, a TorchTrainer whose loop only reports once, shutdown, exit) and prints
 ours over it last.
 """
@@ -50,7 +50,10 @@ T.build_worker_plan = timed("payload", T.build_worker_plan)
 T.fit_with_progress = timed("fit", T.fit_with_progress)
 ray.shutdown = timed("shutdown", ray.shutdown)
 if os.environ.get("STARTUP_ALL_TRAIN_ACTORS"):  # --variant STARTUP_ALL_TRAIN_ACTORS=1: Ray Train's every actor
+    from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
+
     L.unused_callbacks = lambda *args: set()
+    L.local_scaling_policy = create_scaling_policy  # Ray Train's own, with its autoscaler request
 try:
     T.main(sys.argv[2:])
 finally:

@@ -241,10 +241,30 @@ def unused_callbacks(has_datasets: bool, local_ray: bool) -> set:
     return ({UNUSED_WITHOUT_DATASETS} if not has_datasets else set()) | ({UNUSED_ON_LOCAL_RAY} if local_ray else set())
 
 
+def local_scaling_policy(scaling_config):
+    """Ray Train's fixed scaling policy without its autoscaler requests. Its controller asks an
+    AutoscalingCoordinator actor (a detached process importing Ray Data) for the workers'
+    resources when it starts, and waits up to 5 s for the answer: on a fresh local Ray that
+    actor is still starting, so every CLI run waited the full 5 s (the controller's log:
+    "Failed to send resource request"). A local Ray has no autoscaler to tell; a cluster,
+    which may have one, keeps Ray Train's policy."""
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+
+    class LocalFixedScalingPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context):
+            pass  # no coordinator client: its cancel at shutdown is a no-op then
+
+        def _maybe_send_resource_request(self):
+            pass
+
+    return LocalFixedScalingPolicy(scaling_config=scaling_config)
+
+
 def lean_trainer(local_ray: bool, **kwargs):
-    """A TorchTrainer that starts none of the actors `unused_callbacks` names. Ray Train builds
-    its default callbacks in a private method; where that method is missing (another Ray
-    version), the plain TorchTrainer runs, with its actors."""
+    """A TorchTrainer that starts none of the actors `unused_callbacks` names and, on a local
+    Ray, sends no autoscaler request (`local_scaling_policy`). Ray Train builds both in private
+    methods; where those are missing (another Ray version), the plain TorchTrainer runs, with
+    its actors."""
     from ray.train.torch import TorchTrainer
 
     class FederatedTrainer(TorchTrainer):
@@ -253,6 +273,11 @@ def lean_trainer(local_ray: bool, **kwargs):
             unused = unused_callbacks(bool(self.datasets), local_ray)
             return [cb for cb in callbacks if type(cb).__name__ not in unused]
 
-    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            if local_ray and not self.scaling_config.elasticity_enabled:
+                controller_init_kwargs["scaling_policy"] = local_scaling_policy(self.scaling_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
+
+    if not all(hasattr(TorchTrainer, m) for m in ("_create_default_callbacks", "_initialize_and_run_controller")):
         return TorchTrainer(**kwargs)
     return FederatedTrainer(**kwargs)

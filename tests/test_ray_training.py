@@ -194,13 +194,15 @@ def test_retention_and_best_models_chosen_on_validation(federated_run):
 
 def test_a_run_starts_no_ray_train_actor_it_does_not_use(federated_run):
     """No DatasetManager (the run passes no Ray Datasets) and, on a local Ray, no placement-group
-    cleaner: each is a process importing Ray Train, started beside the workers (launch.lean_trainer).
-    Every run in this session's Ray went through run(), so none may ever have started one."""
+    cleaner and no AutoscalingCoordinator (Ray Train's controller asks it for resources and waits
+    up to 5 s): each is a process importing Ray Train or Ray Data, started beside the workers
+    (launch.lean_trainer). Every run in this session's Ray went through run(), so none may ever
+    have started one."""
     import ray._private.state
 
     started = {a["ActorClassName"] for a in ray._private.state.actors().values()}
     assert {"TrainController", "RayTrainWorker"} <= started, started
-    assert not started & {"DatasetManager", "PlacementGroupCleaner"}, started
+    assert not started & {"DatasetManager", "PlacementGroupCleaner", "_AutoscalingCoordinatorActor"}, started
 
 
 def read_tensorboard_scalars(run_dir):
