@@ -105,18 +105,21 @@ def test_cli_end_to_end_on_local_ray_with_two_workers(cli_run):
 FP32 = ("--precision", "fp32")
 
 
-def test_four_clients_give_the_same_model_on_one_two_and_four_workers_and_evaluate_round_trips(tmp_path,
-                                                                                                 ray_session):
-    """Three runs of one seed: the same metrics and the same model whichever worker hosts a
-    client (so a run is reproducible), and `evaluate` of the saved model scores what the run did."""
+def test_four_clients_give_the_same_model_on_one_and_two_workers_and_evaluate_round_trips(tmp_path, ray_session):
+    """Two runs of one seed, four Dirichlet clients: all four in one worker, then two in each of
+    two (so the clients' updates meet both inside a worker and across ranks). The same metrics
+    and the same model whichever worker hosts a client (so a run is reproducible), and
+    `evaluate` of the saved model scores what the run did. (A third run on four workers, one client
+    each, cost as much as these two together on the project's 2-core machine.)"""
     runs = {n: train(tmp_path, f"w{n}", "--clients", "4", "--workers", str(n), "--rounds", "2",
-                     "--partition", "dirichlet", "--beta", "0.5", *FP32) for n in (1, 2, 4)}
+                     "--partition", "dirichlet", "--beta", "0.5", *FP32) for n in (1, 2)}
     models = {n: final_state(run_dir) for n, (_, _, run_dir) in runs.items()}
     assert max_abs_diff(models[1], models[2]) <= 1e-5
-    assert max_abs_diff(models[1], models[4]) <= 1e-5
-    assert comparable(runs[1][1]) == comparable(runs[2][1]) == comparable(runs[4][1])
-    assert runs[4][0]["client_assignment"] == {"0": [0], "1": [1], "2": [2], "3": [3]}
-    assert len({w["pid"] for w in runs[4][0]["workers"]}) == 4
+    assert comparable(runs[1][1]) == comparable(runs[2][1])
+    assigned = runs[2][0]["client_assignment"]
+    assert sorted(assigned) == ["0", "1"] and sorted(sum(assigned.values(), [])) == [0, 1, 2, 3]
+    assert all(len(clients) == 2 for clients in assigned.values())
+    assert len({w["pid"] for w in runs[2][0]["workers"]}) == 2
 
     from ray_fedat.evaluate import evaluate
 
