@@ -201,7 +201,8 @@ def readme_run(cluster):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_strangers(cluster, readme_run, tmp_path):
+def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_strangers(cluster, readme_run, killed_job,
+                                                                                   tmp_path):
     c = cluster
     train, run_dir = readme_run
     assert train.returncode == 0, train.stderr[-3000:]
@@ -233,17 +234,15 @@ def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_stranger
                        "--dataset", "digits", "--rounds", "1", "--storage-path", str(tmp_path), timeout=120)
     assert unreachable.returncode == 2 and "cannot reach a Ray cluster" in unreachable.stderr
 
-    # With the token, the documented job submission runs the training on the cluster.
-    job = c.on("head", RAY_BIN, "job", "submit", "--address", f"http://{c.ips['head']}:8265", "--working-dir",
-               str(REPO), "--", "python", "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
-               "--rounds", "1", "--storage-path", str(c.storage), "--name", "job", *NO_FINAL_ATTACK,
-               RAY_AUTH_MODE="token")
-    assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
-    job_summary = json.loads((c.storage / "job" / "summary.json").read_text())
+    # With the token, the documented job submission runs the training on the cluster (the
+    # killed-worker run below is that job: it survives its kill and finishes).
+    code, out, err, _, job_dir = killed_job
+    assert code == 0, (out + err)[-3000:]
+    job_summary = json.loads((job_dir / "summary.json").read_text())
     assert sorted(w["node_ip"] for w in job_summary["workers"]) == [c.ips["head"], c.ips["worker"]]
     assert job_summary["status"] == "finished"
     # `ray job submit` tails the job's driver log: the same console lines as the CLI's.
-    assert "round   1/1  nat" in job.stdout and "ray_fedat: done, 1 rounds" in job.stdout
+    assert "round   5/5  nat" in out and "ray_fedat: done, 5 rounds" in out
     # State tracking is on (the CLI sets it; the scripts, for every job): the Train API keeps both runs.
     runs_probe = ("import json, os, urllib.request\n"
                   "token = open(os.path.expanduser('~/.ray/auth_token')).read().strip()\n"
@@ -252,7 +251,7 @@ def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_stranger
                   "print(json.dumps({x['name']: x['status'] for x in json.load(urllib.request.urlopen(r, timeout=30))"
                   "['train_runs']}))\n") % c.ips["head"]
     runs = c.on("head", sys.executable, "-c", runs_probe, timeout=60)
-    assert {"readme": "FINISHED", "job": "FINISHED"}.items() <= json.loads(runs.stdout).items(), runs.stderr
+    assert {"readme": "FINISHED", KILLED: "FINISHED"}.items() <= json.loads(runs.stdout).items(), runs.stderr
 
 
 def kill_worker_after_round(proc, run_dir, after_round, node_ip=None):
@@ -270,48 +269,60 @@ def kill_worker_after_round(proc, run_dir, after_round, node_ip=None):
     raise AssertionError(f"the run ended or stalled before a worker could be killed: {proc.communicate()[1][-3000:]}")
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster, readme_run):
-    """Rank 0 on the worker host, which has none of the run's files, and rank 1 on the head,
-    which writes the checkpoints: the killed worker is rank 0, so the restarted group restores
-    across the hosts, and the --resume after it once more. It ends equal to the README run,
-    which had rank 0 on the head and nothing killed."""
-    c = cluster
-    rank0 = "worker"
-    rounds = list(ROUNDS)
-    plain, plain_dir = readme_run  # the uninterrupted reference
-    assert plain.returncode == 0, plain.stderr[-3000:]
+# The killed-worker run: rank 0 pinned on the worker host, which has none of the run's files
+# (--worker-nodes: Ray would put it where it creates the first worker), and rank 1 on the head,
+# which writes the checkpoints. Rank 0 is killed, so the restarted group restores across the hosts.
+KILLED = "killed-rank0-on-worker"
 
-    # Rank 0 lands where Ray creates the first worker: --worker-nodes forces it.
-    order = [c.ips[rank0], c.ips["head"]]
-    name = f"killed-rank0-on-{rank0}"
-    cmd = ["ip", "netns", "exec", c.hosts["head"], sys.executable, "-m", "ray_fedat.train", "--address",
-           f"{c.ips['head']}:6379", "--dataset", "digits", "--workers", "2", "--storage-path", str(c.storage),
-           *rounds, "--max-failures", "1", "--worker-nodes", ",".join(order), "--name", name, *NO_FINAL_ATTACK]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=c.env("head"))
-    run_dir = str(c.storage / name)
+
+@pytest.fixture(scope="module")
+def killed_job(cluster):
+    """The killed-worker run, submitted with the README's `ray job submit` (a job is a run
+    like the CLI's; one 2-host run fewer than testing each alone): (exit code, stdout, stderr,
+    the killed worker, the run dir)."""
+    c = cluster
+    order = [c.ips["worker"], c.ips["head"]]
+    cmd = ["ip", "netns", "exec", c.hosts["head"], RAY_BIN, "job", "submit", "--address",
+           f"http://{c.ips['head']}:8265", "--working-dir", str(REPO), "--", "python", "-m", "ray_fedat.train",
+           "--dataset", "digits", "--workers", "2", "--storage-path", str(c.storage), *ROUNDS, "--max-failures", "1",
+           "--worker-nodes", ",".join(order), "--name", KILLED, *NO_FINAL_ATTACK]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=c.env("head", RAY_AUTH_MODE="token"))
+    run_dir = c.storage / KILLED
     try:
-        victim = kill_worker_after_round(proc, run_dir, 2, c.ips["worker"])  # the host without the files
+        victim = kill_worker_after_round(proc, str(run_dir), 2, c.ips["worker"])  # the host without the files
         out, err = proc.communicate(timeout=600)
     finally:
         proc.kill()
-    assert proc.returncode == 0, err[-3000:]
-    records = read_records(run_dir)
+    return proc.returncode, out, err, victim, run_dir
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster, readme_run, killed_job):
+    """The killed run (rank 0 on the host without the run's files) restarts, restoring across
+    the hosts, and the --resume after it once more. It ends equal to the README run, which had
+    rank 0 on the head and nothing killed."""
+    c = cluster
+    plain, plain_dir = readme_run  # the uninterrupted reference
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    code, out, err, victim, run_dir = killed_job
+    assert code == 0, (out + err)[-3000:]
+    records = read_records(str(run_dir))
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
     assert any(r["resumed_from"] > 1 for r in records), "no round ran in a restarted worker group"
-    summary = json.loads((c.storage / name / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     ranks = {w["rank"]: w for w in summary["workers"]}
-    assert ranks[0]["node_ip"] == c.ips[rank0]
+    assert ranks[0]["node_ip"] == c.ips["worker"]
     assert [w["node_ip"] for w in summary["workers"] if w["writes_checkpoints"]] == [c.ips["head"]]
     assert victim["pid"] not in [w["pid"] for w in summary["workers"]]
-    assert max_abs_diff(final_state(run_dir), final_state(plain_dir)) <= 1e-6
+    assert max_abs_diff(final_state(str(run_dir)), final_state(plain_dir)) <= 1e-6
 
     # --resume of that run adds rounds, restored across the hosts again
     resumed = c.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{c.ips['head']}:6379",
-                   "--resume", run_dir, "--rounds", "7")
+                   "--resume", str(run_dir), "--rounds", "7")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    records = read_records(run_dir)
+    records = read_records(str(run_dir))
     assert [r["round"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
     assert [r["resumed_from"] for r in records[5:]] == [6, 6]
-    assert json.loads((c.storage / name / "summary.json").read_text())["workers"][0]["node_ip"] == c.ips["worker"]
+    assert json.loads((run_dir / "summary.json").read_text())["workers"][0]["node_ip"] == c.ips["worker"]
