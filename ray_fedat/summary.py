@@ -16,6 +16,9 @@ from .monitoring import watch_info
 from .run_config import RunConfig
 
 
+FINAL_MODEL_FILE = "final_model.pt"
+
+
 def save_final_model(run_dir: str, result, records: List[dict]) -> Optional[str]:
     """final_model.pt: the global model of the last round, from Ray Train's last checkpoint."""
     import torch
@@ -28,8 +31,8 @@ def save_final_model(run_dir: str, result, records: List[dict]) -> Optional[str]
         state_dict, meta = load_model_file(os.path.join(d, MODEL_FILE))
     if meta["round"] != records[-1]["round"]:
         return None
-    torch.save(state_dict, os.path.join(run_dir, "final_model.pt"))
-    return "final_model.pt"
+    torch.save(state_dict, os.path.join(run_dir, FINAL_MODEL_FILE))
+    return FINAL_MODEL_FILE
 
 
 def write_summary(run_dir: str, *args, write: bool = True, **kwargs) -> dict:

@@ -177,7 +177,7 @@ def run(cfg: RunConfig, callbacks: Sequence = (), tracking: Optional[dict] = Non
     from .final_attack import attempt_final_attack, final_attack_error, record_final_attack
     from .precision import deterministic_env_vars
     from .recorder import RunRecorder, draw_curves, read_metrics
-    from .summary import save_final_model, save_summary, write_summary
+    from .summary import FINAL_MODEL_FILE, save_final_model, save_summary, write_summary
     from .tracking import artifact_files, start_run_tracking
     from .worker import train_loop_per_worker
 
@@ -218,8 +218,12 @@ def run(cfg: RunConfig, callbacks: Sequence = (), tracking: Optional[dict] = Non
         # on is resumed, never started anew, so its tracking.json is read again.
         trackers = start_run_tracking(cfg, name, run_dir, tracking)
         started = time.time()
-        result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started,
-                                                     len(read_metrics(run_dir)), title, cfg, trackers)
+        rounds_done = len(read_metrics(run_dir))
+        if rounds_left(cfg, rounds_done, os.path.isfile(os.path.join(run_dir, FINAL_MODEL_FILE))):
+            result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started, rounds_done, title,
+                                                         cfg, trackers)
+        else:  # a resumed run whose rounds are all done (stopped in its final attack): no worker group
+            result, exc, interrupted = None, None, False
         status, error = "finished", None
         if interrupted:
             status, error = "interrupted", "interrupted by the user (Ctrl-C)"
@@ -228,7 +232,7 @@ def run(cfg: RunConfig, callbacks: Sequence = (), tracking: Optional[dict] = Non
         records = read_metrics(run_dir)
         if records:  # the recorder redraws at most every few seconds: the final curves come from here
             draw_curves(run_dir, records, title)
-        final_model = save_final_model(run_dir, result, records)
+        final_model = save_final_model(run_dir, result, records) if result is not None else FINAL_MODEL_FILE
         wall_s = time.time() - started
         final_attack = None
         if cfg.final_attack != "none" and status == "finished":
@@ -261,6 +265,13 @@ def run(cfg: RunConfig, callbacks: Sequence = (), tracking: Optional[dict] = Non
         raise RunFailed(f"training failed: {error} (what was written is in {run_dir})")
     print_summary(summary, run_dir)
     return summary
+
+
+def rounds_left(cfg: RunConfig, rounds_done: int, final_model_saved: bool) -> bool:
+    """Whether the run has rounds to train. A resumed run whose rounds are all done and whose
+    final model is saved has none: it goes straight to its final attack, without starting a
+    worker group (seconds per run, and a sweep redoes every run stopped in its final attack)."""
+    return not (cfg.resume and rounds_done >= cfg.rounds and final_model_saved)
 
 
 def print_header(cfg: RunConfig, name: str, run_dir: str, where: str, placement: str, use_gpu: bool,

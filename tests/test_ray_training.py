@@ -288,7 +288,7 @@ def test_npz_on_nodes_real_mnist_two_workers(tmp_path, ray_session, mnist_npz):
 def test_a_failed_final_attack_fails_the_run_and_resume_runs_only_the_attack(tmp_path, ray_session, monkeypatch):
     """The run is `attacking` (not finished) while its final attack runs; a final attack that
     fails fails the run (exit 1, status failed, the reason in one line); --resume of that run,
-    whose rounds are all done, trains nothing and runs the final attack again."""
+    whose rounds are all done, starts no worker group and runs the final attack again."""
     import ray_fedat.final_attack as final_attack
     from ray_fedat.errors import RunFailed
 
@@ -317,7 +317,14 @@ def test_a_failed_final_attack_fails_the_run_and_resume_runs_only_the_attack(tmp
         trained = [json.loads(line) for line in f]
 
     monkeypatch.undo()
+    import ray._private.state
+
+    def controllers():
+        return sum(a["ActorClassName"] == "TrainController" for a in ray._private.state.actors().values())
+
+    before = controllers()
     summary = run(parse_config(["--resume", run_dir]))
+    assert controllers() == before  # every round was done: no Ray Train run, straight to the attack
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         after = [json.loads(line) for line in f]
     assert summary["status"] == "finished" and summary["error"] is None

@@ -201,3 +201,19 @@ def test_the_final_attack_name_says_when_apgd_t_ran_on_cross_entropy():
     assert noted_attack_name("PGD-100", "pgd-100", 2) == "PGD-100"  # no APGD-T in it
     assert final_attack_error({"attack": "PGD-100", "error": "RayTaskError: node lost\nTraceback ..."}) == \
         "final attack PGD-100 failed: RayTaskError: node lost"
+
+
+def test_a_resume_with_every_round_done_trains_nothing():
+    """train.rounds_left: a resumed run whose rounds are all done and whose final model is saved
+    (stopped in its final attack) goes straight to the attack; anything else trains."""
+    import dataclasses
+
+    from ray_fedat.train import rounds_left
+
+    cfg = parse_config(["--dataset", "digits", "--rounds", "3"])
+    resumed = dataclasses.replace(cfg, resume="/runs/r")
+    assert not rounds_left(resumed, 3, final_model_saved=True)
+    assert rounds_left(resumed, 2, final_model_saved=True)  # a round is missing
+    assert rounds_left(resumed, 3, final_model_saved=False)  # stopped before the final model was saved
+    assert rounds_left(dataclasses.replace(resumed, rounds=5), 3, final_model_saved=True)  # an extension
+    assert rounds_left(cfg, 3, final_model_saved=True)  # not a resume
