@@ -174,8 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"torch.compile the model on every worker, one of {', '.join(COMPILE_MODES)}: fused C++ "
                    "kernels on a CPU, Triton on a GPU, compiled in each worker's first round (20-50 s on a 2-core CPU); "
                    "auto = where it measured faster: nowhere yet (0.87x on this project's CPU, no GPU measured); on "
-                   "falls back to "
-                   "eager, with one line, without a C++ compiler or Triton")
+                   "falls back to eager, with one line, without a C++ compiler or Triton")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (cuDNN, cuBLAS workspace, torch.use_deterministic_algorithms): "
                    "the same model on any number of GPU workers and after a restart, at some speed cost")

@@ -304,7 +304,7 @@ def print_header(cfg: RunConfig, name: str, run_dir: str, where: str, placement:
 def attack_pace(attack: dict) -> str:
     """`1000 images x 2 models in 412 s (4.9 images/s, 2 workers)`: what the final attack cost."""
     models = attack.get("models_attacked", 1)
-    seconds = max(attack.get("seconds") or 0.0, 1e-9)
+    seconds = attack["seconds"]  # the caller prints the pace only where the attack's time is known
     return (f"{attack['images']} images x {models} model{'s' if models > 1 else ''} in {seconds:.0f} s "
             f"({attack['images'] * models / seconds:.1f} images/s, {attack['workers']} "
             f"worker{'s' if attack['workers'] > 1 else ''})")
