@@ -223,10 +223,12 @@ def record_failure(run_dir: str, error: str, config: Optional[dict] = None) -> N
 
 def plan_runs(grid: Grid, sweep_dir: str, time_budget: Optional[float] = None,
               retry_failed: bool = False, rounds: Optional[int] = None) -> List[PlannedRun]:
-    """Every cell x seed, with what this invocation does with it."""
+    """Every cell x seed, with what this invocation does with it. Seed by seed: every cell's
+    first seed runs before any cell's second, so a sweep stopped part-way already compares
+    every cell (on fewer seeds) instead of holding all the seeds of the first cells only."""
     runs = []
-    for cell in grid.cells:
-        for seed in grid.seeds:
+    for seed in grid.seeds:
+        for cell in grid.cells:
             name = run_name(cell.name, seed)
             run_dir = os.path.join(sweep_dir, name)
             state, note = run_state(run_dir, retry_failed)

@@ -31,21 +31,23 @@ def write_summary(run_dir, status="finished", natural=0.9, robust=0.6, worst=0.5
         json.dump(summary, f)
 
 
-def test_grid_expands_into_cells_times_seeds_in_file_order(tmp_path):
+def test_grid_expands_into_cells_times_seeds_in_file_order_seed_by_seed(tmp_path):
     grid = expand_grid(dict(GRID))
     assert [c.name for c in grid.cells] == ["pgd_beta0.1", "pgd_beta0.5", "trades_beta0.1", "trades_beta0.5"]
     assert grid.cells[1].values == {"method": "pgd", "beta": 0.5}
     assert grid.seeds == [0, 1] and grid.shared == {"dataset": "digits", "workers": 1, "rounds": 2,
                                                     "partition": "dirichlet"}
     runs = plan_runs(grid, str(tmp_path))
-    assert [r.name for r in runs][:3] == ["pgd_beta0.1_s0", "pgd_beta0.1_s1", "pgd_beta0.5_s0"]
+    # seed by seed: a sweep stopped part-way has compared every cell already
+    assert [r.name for r in runs][:5] == ["pgd_beta0.1_s0", "pgd_beta0.5_s0", "trades_beta0.1_s0",
+                                          "trades_beta0.5_s0", "pgd_beta0.1_s1"]
     assert len(runs) == 8 and {r.state for r in runs} == {"new"}
 
 
 def test_a_run_is_the_train_command_line_the_cli_parses(tmp_path):
     grid = expand_grid({**GRID, "epsilon": "8/255", "download": False, "deterministic": True,
                         "data_dir": "rel/data"})
-    run = plan_runs(grid, str(tmp_path), time_budget=30)[3]
+    run = plan_runs(grid, str(tmp_path), time_budget=30)[5]  # the second seed of the second cell
     assert run.argv[:2] == ["--dataset", "digits"] and "--no-download" in run.argv and "--deterministic" in run.argv
     cfg = parse_config(run.argv)  # the CLI's own parser and validation
     assert (cfg.method, cfg.beta, cfg.seed, cfg.name) == ("pgd", 0.5, 1, "pgd_beta0.5_s1")
