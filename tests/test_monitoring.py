@@ -109,6 +109,9 @@ def scrape(endpoint, run):
     return values
 
 
+ROUNDS = "6"  # the watched run's length: the scrapes below must see it at two rounds or more
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_dashboard_run_shows_in_the_train_api_the_jobs_list_the_logs_and_prometheus(tmp_path):
@@ -119,12 +122,14 @@ def test_a_dashboard_run_shows_in_the_train_api_the_jobs_list_the_logs_and_prome
     token = secrets.token_hex(32)
     name = "watched"
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+           # Ray exports metrics every 10 s by default: every 2 s, a 6-round run shows several rounds
+           "RAY_metrics_report_interval_ms": "2000"}
     env.pop("RAY_ADDRESS", None)
     env.pop(  # the CLI must turn state tracking on by itself
         "RAY_TRAIN_ENABLE_STATE_TRACKING", None)
     proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
-                             "--rounds", "12", "--dashboard", "--storage-path", str(tmp_path), "--name", name,
+                             "--rounds", ROUNDS, "--dashboard", "--storage-path", str(tmp_path), "--name", name,
                              "--final-attack", "none", "--test-every", "1"],  # test gauges every round
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
     console = Console(proc)
@@ -195,7 +200,8 @@ def test_a_dashboard_run_shows_in_the_train_api_the_jobs_list_the_logs_and_prome
     for rank in (0, 1):
         lines = [ln for path in glob.glob(os.path.join(logs_dir, "worker-*.out"))
                  for ln in open(path, errors="replace") if ln.startswith(f"[rank {rank} @ ")]
-        assert [int(re.search(r"round (\d+)/12", ln).group(1)) for ln in lines] == list(range(1, 13)), lines
+        assert [int(re.search(rf"round (\d+)/{ROUNDS}", ln).group(1)) for ln in lines] == list(
+            range(1, int(ROUNDS) + 1)), lines
 
 
 def test_the_grafana_dashboard_queries_exactly_our_exported_gauges():
