@@ -7,7 +7,8 @@ images/s per batch size and the robust counts: the batch size changes each batch
 starts, not the attack, so the counts may differ by a few images and no more.
 
   python benchmarks/common.py runs/mnist8k.npz                  # the 8k/2k split of ../shared's MNIST
-  python benchmarks/final_attack_pace.py --checkpoint /tmp/acc/iid60/best_robust.pt \
+  python -m ray_fedat.train --dataset npz --data-file runs/mnist8k.npz --preset mnist --name pace
+  python benchmarks/final_attack_pace.py --checkpoint runs/pace/best_robust.pt \
       --data-file runs/mnist8k.npz --images 200 --batch-sizes 64 200
 
 Time it alone on the machine (check `uptime`).
