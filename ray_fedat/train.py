@@ -219,7 +219,8 @@ def run(cfg: RunConfig, callbacks: Sequence = (), tracking: Optional[dict] = Non
         trackers = start_run_tracking(cfg, name, run_dir, tracking)
         started = time.time()
         rounds_done = len(read_metrics(run_dir))
-        if rounds_left(cfg, rounds_done, os.path.isfile(os.path.join(run_dir, FINAL_MODEL_FILE))):
+        trains = rounds_left(cfg, rounds_done, os.path.isfile(os.path.join(run_dir, FINAL_MODEL_FILE)))
+        if trains:
             result, exc, interrupted = fit_with_progress(trainer, run_dir, cfg.rounds, started, rounds_done, title,
                                                          cfg, trackers)
         else:  # a resumed run whose rounds are all done (stopped in its final attack): no worker group
@@ -232,7 +233,7 @@ def run(cfg: RunConfig, callbacks: Sequence = (), tracking: Optional[dict] = Non
         records = read_metrics(run_dir)
         if records:  # the recorder redraws at most every few seconds: the final curves come from here
             draw_curves(run_dir, records, title)
-        final_model = save_final_model(run_dir, result, records) if result is not None else FINAL_MODEL_FILE
+        final_model = save_final_model(run_dir, result, records) if trains else FINAL_MODEL_FILE
         wall_s = time.time() - started
         final_attack = None
         if cfg.final_attack != "none" and status == "finished":
