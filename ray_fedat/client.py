@@ -1,4 +1,4 @@
-"""One client's local round: a fresh SGD optimizer, E epochs of adversarial training on its
+"""One client's local round: a fresh momentum SGD (sgd.py), E epochs of adversarial training on its
 own shard, starting from the global model the caller loaded into `model`.
 
 The shard normally lives on the worker's device already (the worker moves it there once):
@@ -16,6 +16,7 @@ import torch
 from .data import augment_batch, to_float
 from .losses import METHOD_LOSSES, LocalContext, proximal_term
 from .precision import Forward
+from .sgd import MomentumSGD
 
 
 @dataclass
@@ -76,8 +77,7 @@ def train_client(model: torch.nn.Module, shard: ClientShard, cfg: LocalTrainingC
                        Forward.for_model(model, cfg.precision, device), cfg.mart_beta, cfg.calfat_scale)
     # FedProx's anchor: the global model this round started from (the caller loaded it).
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad] if cfg.prox_mu > 0 else None
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+    optimizer = MomentumSGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     model.train()
     total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for _ in range(cfg.local_epochs):
@@ -90,7 +90,7 @@ def train_client(model: torch.nn.Module, shard: ClientShard, cfg: LocalTrainingC
                 x = augment_batch(x, generator)
             loss = loss_fn(model, x, y, ctx)
             objective = loss if anchor is None else loss + proximal_term(model, anchor, cfg.prox_mu)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             objective.backward()
             optimizer.step()
             total += loss.detach().double() * len(idx)  # stays on the device: no sync per batch
