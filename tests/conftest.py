@@ -64,7 +64,10 @@ def ray_session():
 
     # Test modules define functions that run on Ray workers: let the workers import them.
     here = os.path.dirname(os.path.abspath(__file__))
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # No GPU unless the GPU check asks for one (benchmarks/gpu_check.sh): the sweep's --device cuda
+    # test needs a Ray without GPUs.
+    num_gpus = None if os.environ.get("RAY_FEDAT_TEST_DEVICE") == "cuda" else 0
+    ray.init(address="local", num_cpus=4, num_gpus=num_gpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}})
     yield ray
     ray.shutdown()
@@ -186,3 +189,101 @@ def s3(tmp_path_factory):
         os.killpg(server.pid, signal.SIGKILL)  # weed may ignore SIGTERM
         server.wait(timeout=30)
         log.close()
+
+
+# The interrupted runs (test_fault_tolerance's CLI run on S3, test_cluster's 2-host job) and the
+# one uninterrupted reference both end equal to. A schedule that depends on the number of rounds
+# (cosine lr, a late attack after 60% of them) and an evaluation interval: a restart must change
+# none of them. 6 rounds, so that a kill after round 2 and a Ctrl-C in the first round the
+# restarted group records land before the run ends by itself. fp32: the README's same-model
+# claims are checked in fp32 (auto may be bf16 here); no final attack: these runs compare
+# training, not the attack after it. --deterministic: the dashboard must show what the driver
+# does send the workers (its cuBLAS setting).
+INTERRUPTED = ("--workers", "2", "--rounds", "6", "--eval-samples", "100", "--deterministic", "--lr-schedule", "cosine",
+               "--late-attack-steps", "7", "--late-attack-from", "0.6", "--eval-every", "4", "--precision", "fp32",
+               "--final-attack", "none")
+
+
+def same_rounds(records):
+    """A run's rounds without what a restart or the clock changes."""
+    from test_ray_training import TIMING_KEYS
+
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS | {"resumed_from"}} for r in records]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, ray_session):
+    """(records, run dir) of the INTERRUPTED run, uninterrupted, on the shared local Ray."""
+    from test_ray_training import train
+
+    _, records, run_dir = train(tmp_path_factory.mktemp("uninterrupted"), "full", *INTERRUPTED)
+    return records, run_dir
+
+
+CLI_ROUNDS = 3  # the watched CLI run: its gauges must be scraped at two rounds or more
+
+
+@pytest.fixture(scope="session")
+def cli_run(tmp_path_factory):
+    """The CLI as a user runs it, watched: 2 workers on its own local Ray, the default final attack
+    (APGD-CE + APGD-T) on 100 fixed images (the path, not the number), and --dashboard with token
+    authentication. While it runs, what a user would look at is collected: the dashboard's Train
+    state API (without and with the token), its Jobs list, and Prometheus scrapes of our gauges.
+    Ray exports metrics every 10 s by default: every 2 s here, so that a short run shows several
+    rounds. The e2e test (test_ray_training) and the monitoring test (test_monitoring) share it.
+    Returns a namespace: returncode, stdout, stderr, run_dir, token, dashboard_line, dashboard,
+    endpoint, runs_api_without_token, train_run, jobs, scrapes."""
+    import secrets
+    import types
+
+    from ray_fedat.monitoring import TRAIN_RUNS_API
+    from test_monitoring import Console, get, scrape
+
+    storage = tmp_path_factory.mktemp("cli")
+    name = "e2e"
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_metrics_report_interval_ms": "2000"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_TRAIN_ENABLE_STATE_TRACKING", None)  # the CLI must turn state tracking on by itself
+    proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
+                             "--rounds", str(CLI_ROUNDS), "--final-samples", "100", "--dashboard",
+                             "--storage-path", str(storage), "--name", name],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    console, errors = Console(proc), Console(proc, stream="stderr")
+    seen = types.SimpleNamespace(run_dir=storage / name, token=token, train_run=None, scrapes=[])
+    try:
+        line = console.wait_for(r"ray_fedat: dashboard (http://127\.0\.0\.1:\d+) (.*)", proc, 240)
+        seen.dashboard_line, seen.dashboard = line.group(2), line.group(1)
+        seen.endpoint = console.wait_for(r'ray_fedat: Prometheus metrics ray_fedat_\*\{run="e2e"\} at (http://\S+)',
+                                         proc, 60).group(1)
+        seen.runs_api_without_token = get(seen.dashboard + TRAIN_RUNS_API)[0]
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            status, body = get(seen.dashboard + TRAIN_RUNS_API, token)
+            if status == 200:
+                runs = [r for r in json.loads(body)["train_runs"] if r["name"] == name]
+                if runs and runs[0]["status"] == "RUNNING" and runs[0]["attempts"][-1]["workers"]:
+                    seen.train_run = runs[0]
+                    break
+            time.sleep(1)
+        seen.jobs = get(seen.dashboard + "/api/jobs/", token)
+        # Scrape while it runs (the final attack keeps the driver, which sets the gauges, alive
+        # after the last round) until the gauges have shown two rounds or more and the last one.
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:
+            values = scrape(seen.endpoint, name)
+            if values:
+                seen.scrapes.append(values)
+            rounds = {s.get("ray_fedat_round") for s in seen.scrapes}
+            if len(rounds) >= 2 and CLI_ROUNDS in rounds:
+                break
+            time.sleep(0.5)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    console.thread.join(timeout=10)
+    errors.thread.join(timeout=10)
+    seen.returncode, seen.stdout, seen.stderr = proc.returncode, "\n".join(console.lines), "\n".join(errors.lines)
+    return seen

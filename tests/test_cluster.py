@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import INTERRUPTED, same_rounds
 from test_fault_tolerance import read_records
 from test_ray_training import final_state, max_abs_diff
 
@@ -66,9 +67,6 @@ def test_cluster_yaml_is_a_valid_launcher_config():
     broken = {**config, "provider": {**config["provider"]}, "head_start_commands": ["typo"]}
     with pytest.raises(Exception):
         validate_config(prepare_config(broken))
-
-
-NO_FINAL_ATTACK = ("--final-attack", "none")
 
 
 class NetnsCluster:
@@ -132,13 +130,6 @@ class NetnsCluster:
         return subprocess.run(["ip", "netns", "exec", self.hosts[role], *cmd], capture_output=True, text=True,
                               timeout=timeout, env=self.env(role, **extra_env))
 
-    def train(self, *argv, timeout=600):
-        """The README's training command, on the head, with nothing but the user's HOME. No final
-        attack: what these runs test is the cluster (the attack has its own tests)."""
-        return self.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{self.ips['head']}:6379",
-                       "--dataset", "digits", "--workers", "2", "--storage-path", str(self.storage), *argv,
-                       *NO_FINAL_ATTACK, timeout=timeout)
-
     def worker_host_view(self, path):
         """What the worker host sees at `path` (entered through its raylet's mount namespace)."""
         raylet = next(p for p in subprocess.run(["ip", "netns", "pids", self.hosts["worker"]], capture_output=True,
@@ -188,32 +179,34 @@ def cluster(tmp_path_factory):
         yield c
 
 
-# The README run's length; the killed-worker run below trains the same and must end equal to it.
-ROUNDS = ("--rounds", "5", "--local-epochs", "2")
-
-
-@pytest.fixture(scope="module")
-def readme_run(cluster):
-    """The README's command on the head, uninterrupted: (its result, its run dir)."""
-    train = cluster.train(*ROUNDS, "--name", "readme")
-    return train, cluster.storage / "readme"
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_strangers(cluster, readme_run, killed_job,
-                                                                                   tmp_path):
+def test_two_hosts_train_with_the_readme_job_submission_and_token_auth_refuses_strangers(cluster, killed_job,
+                                                                                         tmp_path):
     c = cluster
-    train, run_dir = readme_run
-    assert train.returncode == 0, train.stderr[-3000:]
-    assert "one worker per node (2 of 2 nodes)" in train.stdout
+    # With the token, the documented job submission runs the training on the cluster (the
+    # killed-worker run below is that job: it survives its kill and finishes).
+    code, out, err, _, run_dir = killed_job
+    assert code == 0, (out + err)[-3000:]
+    assert "one worker per node (2 of 2 nodes)" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert sorted(w["node_ip"] for w in summary["workers"]) == [c.ips["head"], c.ips["worker"]]
-    assert summary["rounds_completed"] == 5
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 6
     writer = [w for w in summary["workers"] if w["writes_checkpoints"]]
     assert [w["node_ip"] for w in writer] == [c.ips["head"]]  # the storage is on the head's disk only
     assert any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
     assert not any("checkpoint_" in p for p in c.worker_host_view(c.storage))  # nothing landed there
+    # `ray job submit` tails the job's driver log: the same console lines as the CLI's.
+    assert "round   6/6  nat" in out and "ray_fedat: done, 6 rounds" in out
+    # State tracking is on (the CLI sets it; the scripts, for every job): the Train API lists the run.
+    runs_probe = ("import json, os, urllib.request\n"
+                  "token = open(os.path.expanduser('~/.ray/auth_token')).read().strip()\n"
+                  "r = urllib.request.Request('http://%s:8265/api/train/v2/runs/v1', "
+                  "headers={'Authorization': 'Bearer ' + token})\n"
+                  "print(json.dumps({x['name']: x['status'] for x in json.load(urllib.request.urlopen(r, timeout=30))"
+                  "['train_runs']}))\n") % c.ips["head"]
+    runs = c.on("head", sys.executable, "-c", runs_probe, timeout=60)
+    assert {KILLED: "FINISHED"}.items() <= json.loads(runs.stdout).items(), runs.stderr
 
     # Strangers: no token, no access to the cluster, the job API or job submission.
     stranger = {"HOME": str(tmp_path)}
@@ -234,25 +227,6 @@ def test_two_hosts_train_with_the_readme_command_and_token_auth_refuses_stranger
                        "--dataset", "digits", "--rounds", "1", "--storage-path", str(tmp_path), timeout=120)
     assert unreachable.returncode == 2 and "cannot reach a Ray cluster" in unreachable.stderr
 
-    # With the token, the documented job submission runs the training on the cluster (the
-    # killed-worker run below is that job: it survives its kill and finishes).
-    code, out, err, _, job_dir = killed_job
-    assert code == 0, (out + err)[-3000:]
-    job_summary = json.loads((job_dir / "summary.json").read_text())
-    assert sorted(w["node_ip"] for w in job_summary["workers"]) == [c.ips["head"], c.ips["worker"]]
-    assert job_summary["status"] == "finished"
-    # `ray job submit` tails the job's driver log: the same console lines as the CLI's.
-    assert "round   5/5  nat" in out and "ray_fedat: done, 5 rounds" in out
-    # State tracking is on (the CLI sets it; the scripts, for every job): the Train API keeps both runs.
-    runs_probe = ("import json, os, urllib.request\n"
-                  "token = open(os.path.expanduser('~/.ray/auth_token')).read().strip()\n"
-                  "r = urllib.request.Request('http://%s:8265/api/train/v2/runs/v1', "
-                  "headers={'Authorization': 'Bearer ' + token})\n"
-                  "print(json.dumps({x['name']: x['status'] for x in json.load(urllib.request.urlopen(r, timeout=30))"
-                  "['train_runs']}))\n") % c.ips["head"]
-    runs = c.on("head", sys.executable, "-c", runs_probe, timeout=60)
-    assert {"readme": "FINISHED", KILLED: "FINISHED"}.items() <= json.loads(runs.stdout).items(), runs.stderr
-
 
 def kill_worker_after_round(proc, run_dir, after_round, node_ip=None):
     """SIGKILL the RayTrainWorker on `node_ip` (default: rank 1) once `after_round` rounds
@@ -269,23 +243,24 @@ def kill_worker_after_round(proc, run_dir, after_round, node_ip=None):
     raise AssertionError(f"the run ended or stalled before a worker could be killed: {proc.communicate()[1][-3000:]}")
 
 
-# The killed-worker run: rank 0 pinned on the worker host, which has none of the run's files
-# (--worker-nodes: Ray would put it where it creates the first worker), and rank 1 on the head,
-# which writes the checkpoints. Rank 0 is killed, so the restarted group restores across the hosts.
+# The killed-worker run: the README's `ray job submit` of the conftest.INTERRUPTED run, rank 0
+# pinned on the worker host, which has none of the run's files (--worker-nodes: Ray would put it
+# where it creates the first worker), and rank 1 on the head, which writes the checkpoints. Rank 0
+# is killed, so the restarted group restores across the hosts. It must end equal to the same run,
+# uninterrupted, on one local Ray (conftest.uninterrupted): placement and a kill change nothing.
 KILLED = "killed-rank0-on-worker"
 
 
 @pytest.fixture(scope="module")
 def killed_job(cluster):
     """The killed-worker run, submitted with the README's `ray job submit` (a job is a run
-    like the CLI's; one 2-host run fewer than testing each alone): (exit code, stdout, stderr,
-    the killed worker, the run dir)."""
+    like the CLI's): (exit code, stdout, stderr, the killed worker, the run dir)."""
     c = cluster
     order = [c.ips["worker"], c.ips["head"]]
     cmd = ["ip", "netns", "exec", c.hosts["head"], RAY_BIN, "job", "submit", "--address",
            f"http://{c.ips['head']}:8265", "--working-dir", str(REPO), "--", "python", "-m", "ray_fedat.train",
-           "--dataset", "digits", "--workers", "2", "--storage-path", str(c.storage), *ROUNDS, "--max-failures", "1",
-           "--worker-nodes", ",".join(order), "--name", KILLED, *NO_FINAL_ATTACK]
+           "--dataset", "digits", *INTERRUPTED, "--storage-path", str(c.storage), "--max-failures", "1",
+           "--worker-nodes", ",".join(order), "--name", KILLED]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=c.env("head", RAY_AUTH_MODE="token"))
     run_dir = c.storage / KILLED
@@ -299,30 +274,36 @@ def killed_job(cluster):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster, readme_run, killed_job):
+def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster, killed_job, uninterrupted):
     """The killed run (rank 0 on the host without the run's files) restarts, restoring across
-    the hosts, and the --resume after it once more. It ends equal to the README run, which had
-    rank 0 on the head and nothing killed."""
+    the hosts, and ends equal, round by round, to the same run uninterrupted on one local Ray.
+    `--resume --rounds N` past its plan then adds rounds, restored across the hosts again, with
+    the plan's last lr and attack (a cosine lr does not jump back up)."""
     c = cluster
-    plain, plain_dir = readme_run  # the uninterrupted reference
-    assert plain.returncode == 0, plain.stderr[-3000:]
+    full, full_dir = uninterrupted
     code, out, err, victim, run_dir = killed_job
     assert code == 0, (out + err)[-3000:]
     records = read_records(str(run_dir))
-    assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert any(r["resumed_from"] > 1 for r in records), "no round ran in a restarted worker group"
     summary = json.loads((run_dir / "summary.json").read_text())
     ranks = {w["rank"]: w for w in summary["workers"]}
     assert ranks[0]["node_ip"] == c.ips["worker"]
     assert [w["node_ip"] for w in summary["workers"] if w["writes_checkpoints"]] == [c.ips["head"]]
     assert victim["pid"] not in [w["pid"] for w in summary["workers"]]
-    assert max_abs_diff(final_state(str(run_dir)), final_state(plain_dir)) <= 1e-6
+    assert same_rounds(records) == same_rounds(full)
+    assert max_abs_diff(final_state(str(run_dir)), final_state(full_dir)) <= 1e-6
 
-    # --resume of that run adds rounds, restored across the hosts again
-    resumed = c.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{c.ips['head']}:6379",
-                   "--resume", str(run_dir), "--rounds", "7")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    extended = c.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{c.ips['head']}:6379",
+                    "--resume", str(run_dir), "--rounds", "8")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert "the lr schedule and late attack keep the run's plan of 6 rounds" in extended.stdout
     records = read_records(str(run_dir))
-    assert [r["round"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
-    assert [r["resumed_from"] for r in records[5:]] == [6, 6]
-    assert json.loads((run_dir / "summary.json").read_text())["workers"][0]["node_ip"] == c.ips["worker"]
+    assert [r["round"] for r in records] == list(range(1, 9))
+    assert [r["resumed_from"] for r in records[6:]] == [7, 7]
+    assert same_rounds(records[:6]) == same_rounds(full)  # the planned rounds, untouched
+    assert records[5]["lr"] < records[0]["lr"] and records[5]["attack_steps"] == 7  # cosine; late after 0.6 * 6
+    assert [(r["lr"], r["attack_steps"]) for r in records[6:]] == [(records[5]["lr"], 7)] * 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["config"]["rounds"], summary["config"]["schedule_rounds"]) == (8, 6)
+    assert summary["workers"][0]["node_ip"] == c.ips["worker"]

@@ -1,12 +1,9 @@
 """Watching a run: the per-round worker line, the job's name, Ray Train's state API and the
-Prometheus endpoint, checked against a real CLI run with --dashboard."""
+Prometheus endpoint, checked against a real CLI run with --dashboard (conftest.cli_run)."""
 import glob
 import json
 import os
 import re
-import secrets
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -14,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from conftest import CLI_ROUNDS
 from ray_fedat.monitoring import (EXPORTED_PREFIX, GAUGES, TRAIN_RUNS_API, exported_name, gauge_name,
                                   submission_id, worker_round_line)
 
@@ -58,13 +56,13 @@ def test_the_dashboard_stays_on_this_machine_unless_asked():
 class Console:
     """The CLI's stdout, read in a thread so that the test can wait for lines."""
 
-    def __init__(self, proc):
+    def __init__(self, proc, stream="stdout"):
         self.lines = []
-        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.thread = threading.Thread(target=self._read, args=(getattr(proc, stream),), daemon=True)
         self.thread.start()
 
-    def _read(self, proc):
-        for line in proc.stdout:
+    def _read(self, stream):
+        for line in stream:
             self.lines.append(line.rstrip("\n"))
 
     def wait_for(self, pattern, proc, timeout):
@@ -109,99 +107,55 @@ def scrape(endpoint, run):
     return values
 
 
-ROUNDS = "6"  # the watched run's length: the scrapes below must see it at two rounds or more
-
-
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_dashboard_run_shows_in_the_train_api_the_jobs_list_the_logs_and_prometheus(tmp_path):
-    """One short CLI run with --dashboard (its own local Ray, so the dashboard and metrics
-    agent are real): Ray Train's state API lists it with its workers, the Jobs list names
-    it, each worker logs a line per round, and the metrics endpoint the console names
-    exports ray_fedat_* gauges with the run label and the values of metrics.jsonl."""
-    token = secrets.token_hex(32)
-    name = "watched"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
-           # Ray exports metrics every 10 s by default: every 2 s, a 6-round run shows several rounds
-           "RAY_metrics_report_interval_ms": "2000"}
-    env.pop("RAY_ADDRESS", None)
-    env.pop(  # the CLI must turn state tracking on by itself
-        "RAY_TRAIN_ENABLE_STATE_TRACKING", None)
-    proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
-                             "--rounds", ROUNDS, "--dashboard", "--storage-path", str(tmp_path), "--name", name,
-                             "--final-attack", "none", "--test-every", "1"],  # test gauges every round
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
-    console = Console(proc)
-    try:
-        dashboard = console.wait_for(r"ray_fedat: dashboard (http://127\.0\.0\.1:\d+) (.*)", proc, 240)
-        assert dashboard.group(2) == "until the run ends; it asks for the token: the value of $RAY_AUTH_TOKEN"
-        dashboard = dashboard.group(1)
-        endpoint = console.wait_for(r'ray_fedat: Prometheus metrics ray_fedat_\*\{run="watched"\} at (http://\S+)',
-                                    proc, 60).group(1)
+def test_a_dashboard_run_shows_in_the_train_api_the_jobs_list_the_logs_and_prometheus(cli_run):
+    """The watched CLI run (conftest.cli_run: --dashboard, its own local Ray, so the dashboard and
+    metrics agent are real): Ray Train's state API lists it with its workers, the Jobs list names
+    it, each worker logs a line per round, and the metrics endpoint the console names exports
+    ray_fedat_* gauges with the run label and the values of metrics.jsonl."""
+    run = cli_run
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.dashboard_line == "until the run ends; it asks for the token: the value of $RAY_AUTH_TOKEN"
+    # Ray Train's state API: refused without the token, lists the run and its workers with it.
+    assert run.runs_api_without_token == 401
+    assert run.train_run is not None, f"the run never showed as RUNNING in {TRAIN_RUNS_API}"
+    assert sorted(w["world_rank"] for w in run.train_run["attempts"][-1]["workers"]) == [0, 1]
+    # The Jobs list's Name column is the job's metadata job_name: the run name.
+    status, body = run.jobs
+    assert status == 200 and [j["metadata"].get("job_name") for j in json.loads(body)] == ["e2e"]
 
-        # Ray Train's state API: refused without the token, lists the run and its workers with it.
-        assert get(dashboard + TRAIN_RUNS_API)[0] == 401
-        run, deadline = None, time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            status, body = get(dashboard + TRAIN_RUNS_API, token)
-            if status == 200:
-                runs = [r for r in json.loads(body)["train_runs"] if r["name"] == name]
-                if runs and runs[0]["status"] == "RUNNING" and runs[0]["attempts"][-1]["workers"]:
-                    run = runs[0]
-                    break
-            time.sleep(1)
-        assert run is not None, f"the run never showed as RUNNING in {TRAIN_RUNS_API}: {status} {body[:500]}"
-        workers = run["attempts"][-1]["workers"]
-        assert sorted(w["world_rank"] for w in workers) == [0, 1]
-
-        # The Jobs list's Name column is the job's metadata job_name: the run name.
-        status, body = get(dashboard + "/api/jobs/", token)
-        assert status == 200 and [j["metadata"].get("job_name") for j in json.loads(body)] == [name]
-
-        # Prometheus: scrape while it runs, until the gauges have shown a few rounds.
-        scrapes, deadline = [], time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            values = scrape(endpoint, name)
-            if values:
-                scrapes.append(values)
-            if len({s.get("ray_fedat_round") for s in scrapes}) >= 2:
-                break
-            time.sleep(0.5)
-        assert proc.wait(timeout=300) == 0, "\n".join(console.lines[-40:])
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=60)
-    console.thread.join(timeout=10)
-
+    # Prometheus: every gauge, with the values of metrics.jsonl, over two rounds or more.
+    scrapes = run.scrapes
     assert scrapes, "the metrics endpoint never exported ray_fedat_* gauges for the run"
+    assert len({s["ray_fedat_round"] for s in scrapes}) >= 2, scrapes
     assert set(scrapes[-1]) == {exported_name(k) for k in GAUGES}
     records = {}
-    with open(tmp_path / name / "metrics.jsonl") as f:
-        for line in f:
-            record = json.loads(line)
-            records[record["round"]] = record
+    for line in (run.run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["round"]] = record
     matching = [s for s in scrapes
                 if s.get("ray_fedat_round") in records
                 and all(s[exported_name(k)] == pytest.approx(records[s["ray_fedat_round"]][k], rel=1e-6)
-                        for k in ("natural_acc", "robust_acc", "train_loss"))]
-    assert matching, f"no scrape matched metrics.jsonl: {scrapes[-3:]}"
+                        for k in ("natural_acc", "robust_acc", "train_loss") if exported_name(k) in s)]
+    assert matching and "ray_fedat_natural_acc" in matching[-1], f"no scrape matched metrics.jsonl: {scrapes[-3:]}"
     for s in scrapes:  # every value exported was some round's value
-        assert any(s.get("ray_fedat_natural_acc") == pytest.approx(r["natural_acc"], rel=1e-6)
-                   for r in records.values())
+        assert s["ray_fedat_train_loss"] in [pytest.approx(r["train_loss"], rel=1e-6) for r in records.values()]
+        if "ray_fedat_natural_acc" in s:
+            assert any(s["ray_fedat_natural_acc"] == pytest.approx(r["natural_acc"], rel=1e-6)
+                       for r in records.values() if r["natural_acc"] is not None)
 
-    summary = json.loads((tmp_path / name / "summary.json").read_text())
-    assert summary["watch"]["metrics_endpoint"] == endpoint and summary["watch"]["dashboard"] == dashboard
-    assert summary["watch"]["metrics_label"] == {"run": name}
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["watch"]["metrics_endpoint"] == run.endpoint and summary["watch"]["dashboard"] == run.dashboard
+    assert summary["watch"]["metrics_label"] == {"run": "e2e"}
 
     # Each worker's log (what the dashboard's Logs page shows) has one line per round.
-    logs_dir = os.path.dirname(os.path.dirname(run["controller_log_file_path"]))
+    logs_dir = os.path.dirname(os.path.dirname(run.train_run["controller_log_file_path"]))
     for rank in (0, 1):
         lines = [ln for path in glob.glob(os.path.join(logs_dir, "worker-*.out"))
                  for ln in open(path, errors="replace") if ln.startswith(f"[rank {rank} @ ")]
-        assert [int(re.search(rf"round (\d+)/{ROUNDS}", ln).group(1)) for ln in lines] == list(
-            range(1, int(ROUNDS) + 1)), lines
+        assert [int(re.search(rf"round (\d+)/{CLI_ROUNDS}", ln).group(1)) for ln in lines] == list(
+            range(1, CLI_ROUNDS + 1)), lines
 
 
 def test_the_grafana_dashboard_queries_exactly_our_exported_gauges():

@@ -43,38 +43,29 @@ def max_abs_diff(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
-    """The CLI as a user runs it, with the default final attack (APGD-CE + APGD-T) on 100 fixed
-    images (the path, not the number): (the finished process, its run dir)."""
-    storage = tmp_path_factory.mktemp("cli")
-    proc = subprocess.run([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
-                           "--rounds", "2", "--final-samples", "100", "--storage-path", str(storage), "--name", "e2e"],
-                          capture_output=True, text=True, timeout=600)
-    return proc, storage / "e2e"
-
-
 @pytest.mark.slow
 def test_cli_end_to_end_on_local_ray_with_two_workers(cli_run):
-    proc, run_dir = cli_run
+    """conftest.cli_run: the CLI on its own local Ray, 3 rounds, the default final attack on 100
+    images (and --dashboard, which test_monitoring checks)."""
+    proc, run_dir = cli_run, cli_run.run_dir
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "round   2/2" in proc.stdout and "Traceback" not in proc.stderr
-    # Round 1 is scored on validation only (--test-every 5), the last round on both.
-    assert "round   1/2  val nat" in proc.stdout
+    assert "round   3/3" in proc.stdout and "Traceback" not in proc.stderr
+    # Rounds before the last are scored on validation only (--test-every 5), the last round on both.
+    assert "round   1/3  val nat" in proc.stdout and "round   2/3  val nat" in proc.stdout
     # A private local Ray keeps its token and says nothing about it (no advice to disable it).
     assert "RAY_AUTH_MODE" not in proc.stdout + proc.stderr and "Token authentication" not in proc.stderr
     for name in ("metrics.jsonl", "summary.json", "final_model.pt", "best_natural.pt", "best_robust.pt"):
         assert (run_dir / name).is_file(), name
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in records] == [1, 2]
+    assert [r["round"] for r in records] == [1, 2, 3]
     for r in records:
         for key in ("val_natural_acc", "val_robust_acc", "train_loss", "round_s", "train_s", "aggregate_s", "eval_s"):
             assert isinstance(r[key], float), key
         assert r["val_robust_acc"] <= r["val_natural_acc"]
     assert records[0]["natural_acc"] is None and records[0]["eval_images"] == 0  # test: not this round
-    assert records[1]["robust_acc"] <= records[1]["natural_acc"] and records[1]["eval_images"] == 359
+    assert records[-1]["robust_acc"] <= records[-1]["natural_acc"] and records[-1]["eval_images"] == 359
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds_completed"] == 2 and summary["status"] == "finished"
+    assert summary["rounds_completed"] == 3 and summary["status"] == "finished"
     assert [w["rank"] for w in summary["workers"]] == [0, 1]
     assert len({w["pid"] for w in summary["workers"]}) == 2
     assert all(w["node_ip"] and w["node_id"] and w["device"] == "cpu" for w in summary["workers"])
@@ -230,7 +221,7 @@ def read_tensorboard_scalars(run_dir):
 def test_report_curves_and_tensorboard_for_two_runs(cli_run, federated_run):
     """`python -m ray_fedat.report` over two finished runs (the CLI run, with its final attack, and
     the federated one), their curves.png and the CLI run's TensorBoard scalars."""
-    _, dir_a = cli_run
+    dir_a = cli_run.run_dir
     summary_b, _, dir_b = federated_run
     summary_a = json.loads((dir_a / "summary.json").read_text())
     records_a = [json.loads(line) for line in (dir_a / "metrics.jsonl").read_text().splitlines()]
@@ -241,12 +232,12 @@ def test_report_curves_and_tensorboard_for_two_runs(cli_run, federated_run):
 
         assert matplotlib.image.imread(os.path.join(run_dir, "curves.png")).shape[0] > 100
     scalars = read_tensorboard_scalars(dir_a)
-    tested = [r for r in records_a if r["natural_acc"] is not None]  # the test set: round 2 only (--test-every 5)
-    assert [step for step, _ in scalars["natural_acc"]] == [r["round"] for r in tested] == [2]
+    tested = [r for r in records_a if r["natural_acc"] is not None]  # the test set: round 3 only (--test-every 5)
+    assert [step for step, _ in scalars["natural_acc"]] == [r["round"] for r in tested] == [3]
     assert [v for _, v in scalars["robust_acc"]] == pytest.approx([r["robust_acc"] for r in tested])
-    assert [step for step, _ in scalars["val_natural_acc"]] == [1, 2]
+    assert [step for step, _ in scalars["val_natural_acc"]] == [1, 2, 3]
     headline = summary_a["headline"]  # the final attack's number, at the last round
-    assert scalars["final_attack/final_robust_acc"] == [(2, pytest.approx(headline["robust_acc"]))]
+    assert scalars["final_attack/final_robust_acc"] == [(3, pytest.approx(headline["robust_acc"]))]
 
     proc = subprocess.run([sys.executable, "-m", "ray_fedat.report", str(dir_a), dir_b], capture_output=True,
                           text=True, timeout=120)

@@ -330,31 +330,40 @@ def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path, mlflow_server):
 
 
 @pytest.mark.ray
-@pytest.mark.slow
-def test_runs_that_fail_before_their_summary_are_recorded_failed_not_retried(tmp_path):
+def test_runs_that_fail_before_their_summary_are_recorded_failed_not_retried(tmp_path, ray_session, capsys):
     """--device cuda without GPUs: every run stops before train.run writes its summary. Each is
     recorded failed with train's one-line reason, the sweep exits 1 in one line, and the same
-    command does not start them again (it used to exit 130 and "resume" them forever)."""
+    command does not start them again (it used to exit 130 and "resume" them forever).
+    In-process (`python -m ray_fedat.sweep` is this main) on the session's Ray, which has no GPU."""
+    from ray_fedat.sweep import main
+
+    if ray_session.cluster_resources().get("GPU"):
+        pytest.skip("the session's Ray has a GPU here: --device cuda would not fail")
     grid = tmp_path / "gpu.yaml"
     grid.write_text(f"dataset: digits\nworkers: 1\nrounds: 1\ndevice: cuda\nseed: [0, 1]\nstorage-path: {tmp_path}\n")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    first = subprocess.run(sweep_command(grid), capture_output=True, text=True, timeout=900, env=env)
+
+    def sweep(*extra):
+        with pytest.raises(SystemExit) as e:
+            main([str(grid), *extra])
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    code, out, err = sweep()
     reason = "--device cuda needs 1 GPUs in the cluster (one per worker), found 0"
-    errors = [ln for ln in first.stderr.splitlines() if ln.startswith("ray_fedat: error:")]
-    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("ray_fedat: error:")]
+    assert code == 1, out[-3000:] + err[-3000:]
     assert errors == [f"ray_fedat: error: 2 of 2 run(s) failed (base_s0, base_s1); base_s0: {reason}; the table "
-                      "shows them, --retry-failed runs them again"], first.stderr[-3000:]
+                      "shows them, --retry-failed runs them again"], err[-3000:]
     for run in ("base_s0", "base_s1"):
         summary = json.loads((tmp_path / "gpu" / run / "summary.json").read_text())
         assert (summary["status"], summary["error"], summary["started"]) == ("failed", reason, False)
         assert summary["config"]["device"] == "cuda"
     assert "| base | 0/2 |" in (tmp_path / "gpu" / "table.md").read_text()
-    again = subprocess.run(sweep_command(grid), capture_output=True, text=True, timeout=900, env=env)
-    assert again.returncode == 1 and "all 2 runs are done already" in again.stdout, again.stderr[-3000:]
-    assert "started base" not in again.stdout
-    retry = subprocess.run(sweep_command(grid) + ["--dry-run", "--retry-failed"], capture_output=True, text=True,
-                           timeout=300, env=env)
-    assert "run base_s0: new (failed before it started: " in retry.stdout  # a retry starts it with the grid's flags
+    code, out, err = sweep()
+    assert code == 1 and "all 2 runs are done already" in out, err[-3000:]
+    assert "started base" not in out
+    main([str(grid), "--dry-run", "--retry-failed"])  # returns: a dry run starts nothing
+    assert "run base_s0: new (failed before it started: " in capsys.readouterr().out  # a retry starts it anew
 
 
 @pytest.mark.ray
