@@ -223,9 +223,7 @@ def test_two_hosts_train_with_the_readme_job_submission_and_token_auth_refuses_s
     job = c.on("head", RAY_BIN, "job", "submit", "--address", f"http://{c.ips['head']}:8265", "--no-wait", "--",
                "echo", "hello", timeout=120, **stranger)
     assert "no authentication token" in (job.stdout + job.stderr).lower()
-    unreachable = c.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{c.ips['head']}:6390",
-                       "--dataset", "digits", "--rounds", "1", "--storage-path", str(tmp_path), timeout=120)
-    assert unreachable.returncode == 2 and "cannot reach a Ray cluster" in unreachable.stderr
+    # (an address where no Ray answers: test_usability's unreachable-cluster test)
 
 
 def kill_worker_after_round(proc, run_dir, after_round, node_ip=None):

@@ -89,7 +89,7 @@ def test_an_unreachable_store_is_one_line_before_any_work(tmp_path, capsys, monk
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, expected", [
-    (["--address", "127.0.0.1:{port}"], "127.0.0.1:{port}"),
+    (["--address", "127.0.0.1:{port}"], "cannot reach a Ray cluster at 127.0.0.1:{port}"),
 ])
 def test_an_unreachable_cluster_is_one_line_before_any_work(tmp_path, flags, expected):
     """The real CLI process (a Ray may already run in the test process, which connect_ray would reuse)."""
