@@ -226,7 +226,7 @@ CLI_ROUNDS = 3  # the watched CLI run: its gauges must be scraped at two rounds 
 @pytest.fixture(scope="session")
 def cli_run(tmp_path_factory):
     """The CLI as a user runs it, watched: 2 workers on its own local Ray, the default final attack
-    (APGD-CE + APGD-T) on 100 fixed images (the path, not the number), and --dashboard with token
+    (APGD-CE + APGD-T) on 50 fixed images (the path, not the number), and --dashboard with token
     authentication. While it runs, what a user would look at is collected: the dashboard's Train
     state API (without and with the token), its Jobs list, and Prometheus scrapes of our gauges.
     Ray exports metrics every 10 s by default: every 2 s here, so that a short run shows several
@@ -246,7 +246,7 @@ def cli_run(tmp_path_factory):
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_TRAIN_ENABLE_STATE_TRACKING", None)  # the CLI must turn state tracking on by itself
     proc = subprocess.Popen([sys.executable, "-m", "ray_fedat.train", "--dataset", "digits", "--workers", "2",
-                             "--rounds", str(CLI_ROUNDS), "--final-samples", "100", "--dashboard",
+                             "--rounds", str(CLI_ROUNDS), "--final-samples", "50", "--dashboard",
                              "--storage-path", str(storage), "--name", name],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     console, errors = Console(proc), Console(proc, stream="stderr")

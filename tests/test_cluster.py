@@ -293,15 +293,15 @@ def test_a_killed_worker_on_hosts_without_shared_disk_costs_nothing(cluster, kil
     assert max_abs_diff(final_state(str(run_dir)), final_state(full_dir)) <= 1e-6
 
     extended = c.on("head", sys.executable, "-m", "ray_fedat.train", "--address", f"{c.ips['head']}:6379",
-                    "--resume", str(run_dir), "--rounds", "8")
+                    "--resume", str(run_dir), "--rounds", "7")
     assert extended.returncode == 0, extended.stderr[-3000:]
     assert "the lr schedule and late attack keep the run's plan of 6 rounds" in extended.stdout
     records = read_records(str(run_dir))
-    assert [r["round"] for r in records] == list(range(1, 9))
-    assert [r["resumed_from"] for r in records[6:]] == [7, 7]
+    assert [r["round"] for r in records] == list(range(1, 8))
+    assert [r["resumed_from"] for r in records[6:]] == [7]
     assert same_rounds(records[:6]) == same_rounds(full)  # the planned rounds, untouched
     assert records[5]["lr"] < records[0]["lr"] and records[5]["attack_steps"] == 7  # cosine; late after 0.6 * 6
-    assert [(r["lr"], r["attack_steps"]) for r in records[6:]] == [(records[5]["lr"], 7)] * 2
+    assert [(r["lr"], r["attack_steps"]) for r in records[6:]] == [(records[5]["lr"], 7)]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert (summary["config"]["rounds"], summary["config"]["schedule_rounds"]) == (8, 6)
+    assert (summary["config"]["rounds"], summary["config"]["schedule_rounds"]) == (7, 6)
     assert summary["workers"][0]["node_ip"] == c.ips["worker"]

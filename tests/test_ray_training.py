@@ -45,7 +45,7 @@ def max_abs_diff(a, b):
 
 @pytest.mark.slow
 def test_cli_end_to_end_on_local_ray_with_two_workers(cli_run):
-    """conftest.cli_run: the CLI on its own local Ray, 3 rounds, the default final attack on 100
+    """conftest.cli_run: the CLI on its own local Ray, 3 rounds, the default final attack on 50
     images (and --dashboard, which test_monitoring checks)."""
     proc, run_dir = cli_run, cli_run.run_dir
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -79,13 +79,13 @@ def test_cli_end_to_end_on_local_ray_with_two_workers(cli_run):
     attack = summary["final_attack"]
     assert attack["attack"] == "APGD-CE + APGD-T" and attack["workers"] == 2
     final = attack["models"]["final"]
-    assert final["images"] == attack["images"] == 100
+    assert final["images"] == attack["images"] == 50
     assert 0 <= final["robust_acc"] <= final["yardstick_acc"] + 0.02 and final["robust_acc"] <= final["natural_acc"]
     assert summary["headline"]["robust_acc"] == final["robust_acc"] and summary["headline"]["images"] == final["images"]
     assert f"final model: robust {100 * final['robust_acc']:.1f}% under APGD-CE + APGD-T" in proc.stdout
-    pace = re.search(r"final attack: 100 images x ([12]) models? in \d+ s \(([\d.]+) images/s, 2 workers\)", proc.stdout)
+    pace = re.search(r"final attack: 50 images x ([12]) models? in \d+ s \(([\d.]+) images/s, 2 workers\)", proc.stdout)
     assert pace and int(pace.group(1)) == attack["models_attacked"], proc.stdout[-2000:]
-    assert float(pace.group(2)) == pytest.approx(100 * attack["models_attacked"] / attack["seconds"], rel=0.05, abs=0.1)
+    assert float(pace.group(2)) == pytest.approx(50 * attack["models_attacked"] / attack["seconds"], rel=0.05, abs=0.1)
     assert records[-1]["final_attack"]["final_robust_acc"] == final["robust_acc"]
 
 
@@ -127,6 +127,7 @@ def federated_run(tmp_path_factory, ray_session):
 def test_no_ddp_wrapper_is_created_during_federated_training(federated_run):
     summary, records, _ = federated_run
     assert summary["status"] == "finished" and [r["round"] for r in records] == [1, 2, 3]
+    assert not any(w["deterministic"] for w in summary["workers"])  # no --deterministic: off (test_cifar_path: on)
 
 
 def test_client_fraction_samples_clients_and_records_them(federated_run):
