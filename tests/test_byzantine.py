@@ -123,7 +123,7 @@ def test_the_attacked_clients_update_is_the_attacked_one(tmp_path, ray_session):
     seed = next(s for s in range(100) if sample_clients(2, 0.5, s, 1) == byzantine_clients(2, 1, s))
     attacker = byzantine_clients(2, 1, seed)[0]
     cfg = parse_config(["--dataset", "digits", "--storage-path", str(tmp_path), "--name", "noise", "--clients", "2",
-                        "--client-fraction", "0.5", "--byzantine", "1", "--byzantine-attack", "gaussian",
+                        "--workers", "1", "--client-fraction", "0.5", "--byzantine", "1", "--byzantine-attack", "gaussian",
                         "--rounds", "1", "--model", "mlp", "--eval-samples", "50", "--seed", str(seed),
                         "--final-attack", "none"])
     assert run(cfg)["status"] == "finished"

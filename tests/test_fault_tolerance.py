@@ -168,7 +168,7 @@ def test_nan_stops_the_run_with_a_clear_error_and_keeps_what_was_written(tmp_pat
     from ray_fedat.errors import RunFailed
 
     with pytest.raises(RunFailed) as e:
-        train(tmp_path, "nan", "--model", "mlp", "--lr", "1e12", "--rounds", "3")
+        train(tmp_path, "nan", "--workers", "1", "--model", "mlp", "--lr", "1e12", "--rounds", "3")
     assert e.value.code == 1
     with open(tmp_path / "nan" / "summary.json") as f:
         summary = json.load(f)
