@@ -58,9 +58,12 @@ def test_eval_interval_keeps_evaluation_under_its_share():
 def test_time_budget_plans_rounds_and_finishes_inside_it(tmp_path, ray_session):
     from test_ray_training import train
 
-    budget = 60  # the worker group alone can take 20 s to start on a loaded machine: >= 3 rounds must fit
+    # Rounds of a second or two (an MLP, a 1-step attack, a 2-step yardstick on 120 images), so that
+    # a short budget still holds several after the worker group's start (15-25 s on this machine).
+    budget = 35
     summary, records, run_dir = train(tmp_path, "budget", "--time-budget", str(budget), "--eps-warmup-rounds", "2",
-                                      "--lr-schedule", "cosine", "--eval-samples", "120",  # short rounds: several fit
+                                      "--lr-schedule", "cosine", "--model", "mlp", "--attack-steps", "1",
+                                      "--eval-steps", "2", "--eval-samples", "120",
                                       "--final-attack", "none")  # its 15% reserve: test_final_attack_reserve
     plan = summary["time_budget"]
     assert plan["budget_s"] == budget and plan["planned_rounds"] == summary["rounds_completed"] >= 3
