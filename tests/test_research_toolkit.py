@@ -45,7 +45,7 @@ def test_fgsm_rs_with_fedprox_and_multi_krum_against_a_byzantine_client_without_
 def test_mart_with_sfat_chooses_the_best_models_on_validation_and_the_test_set_only_reports(tmp_path,
                                                                                           ray_session):
     summary, records, run_dir = train(tmp_path, "val", "--workers", "2", "--clients", "3", "--partition", "dirichlet",
-                                      "--method", "mart", "--aggregator", "sfat", "--sfat-topk", "2",
+                                      "--method", "mart", "--aggregator", "sfat", "--sfat-topk", "2", "--model", "mlp",
                                       "--rounds", "4", "--val-fraction", "0.2", "--final-attack", "pgd-100",
                                       "--final-samples", "64", "--late-attack-steps", "7", "--late-attack-from", "0.5")
     assert summary["status"] == "finished" and (summary["config"]["method"], summary["config"]["aggregator"]) == \
