@@ -11,7 +11,8 @@ import os
 from typing import Optional, Sequence
 
 from .defaults import (AGGREGATORS, BYZANTINE_ATTACKS, CALFAT_PAPER_SCALE, CLIENT_WEIGHTINGS, COMPILE_MODES, DATASETS,
-                       FINAL_ATTACKS, METHODS, PARTITIONS, PRECISIONS, TRACK_ARTIFACTS, TRACKERS)
+                       FINAL_ATTACK_MODELS, FINAL_ATTACKS, METHODS, PARTITIONS, PRECISIONS, TRACK_ARTIFACTS,
+                       TRACKERS)
 from .errors import ConfigError
 from .run_config import RunConfig
 from .schedule import LR_SCHEDULES
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"after training, attack the final and best-robust models once more: {', '.join(FINAL_ATTACKS)} "
                    "(apgd = APGD-CE + APGD-T with AutoAttack's settings, the default and the run's headline robust "
                    "number; autoattack = standard AutoAttack; both from the AutoAttack authors' code)")
+    g.add_argument("--final-attack-models", default=d.final_attack_models,
+                   help=f"which models --final-attack attacks, one of {', '.join(FINAL_ATTACK_MODELS)}: both = the "
+                   "final and the best-robust model (once when they are the same round); final = the final model "
+                   "only, the headline's (half the attack's time when they differ)")
     g.add_argument("--final-samples", type=int, default=d.final_samples,
                    help="--final-attack on N test images, a fixed class-stratified subset that depends on the data and N "
                    "only, so every run is scored on the same images (all of them when the test set is smaller); "
@@ -224,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 # What a resumed run may change: how long and where it runs, not what it learns.
 RESUMABLE = ("rounds", "workers", "worker_nodes", "cpus_per_worker", "device", "address", "max_failures", "eval_every",
              "checkpoint_every", "keep_checkpoints", "dashboard", "dashboard_host", "verbose", "print_config",
-             "final_attack", "final_samples", "test_every", "track", "track_uri", "track_artifacts")
+             "final_attack", "final_attack_models", "final_samples", "test_every", "track", "track_uri", "track_artifacts")
 
 
 def explicit_flags(argv: Optional[Sequence[str]]) -> dict:

@@ -20,6 +20,7 @@ ATTACK_STARTS = ("gaussian", "uniform")  # see attacks.kl_attack
 PRECISIONS = ("auto", "fp32", "bf16")  # see precision.py
 COMPILE_MODES = ("auto", "on", "off")  # torch.compile of the model; see precision.choose_compile
 FINAL_ATTACKS = ("none", "pgd-100", "apgd", "autoattack")  # see final_attack.py
+FINAL_ATTACK_MODELS = ("both", "final")  # the final and best-robust models, or the final one only
 TRACKERS = ("mlflow", "wandb")  # --track names one or both (comma-separated), or none; see tracking.py
 TRACK_ARTIFACTS = ("all", "small", "none")  # all: + final and best models; small: curves.png and summary.json
 CALFAT_PAPER_SCALE = 10.0  # s in the CalFAT authors' code: cross_entropy(s * (z + 0.1 log n_c), y)

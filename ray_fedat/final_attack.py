@@ -254,12 +254,23 @@ def headline(final_attack: Optional[dict]) -> Optional[str]:
 
 # ---- the driver's part: after training ----
 
+def models_to_attack(rounds: Dict[str, Optional[int]], which: str) -> List[str]:
+    """The saved models (name -> the round it is from) that --final-attack-models names: the
+    final model and, with "both", the best-robust one, unless it is the final model's round
+    (attacked once). With "final" and no final model (a run cut before it wrote one), the
+    best-robust model stands in: a run should not end without a headline it could have had."""
+    names = [n for n in ("final", "best_robust") if n in rounds]
+    if "final" in names and "best_robust" in names:
+        if which == "final" or (rounds["best_robust"] is not None and rounds["best_robust"] == rounds["final"]):
+            names.remove("best_robust")
+    return names
+
+
 def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[str], records: List[dict],
                      use_gpu: bool) -> Optional[dict]:
-    """--final-attack on final_model.pt and best_robust.pt (once when they are the same round),
-    split over one Ray task per worker, each with a worker's resources, the way per-round
-    evaluation is split, on --final-samples fixed class-stratified test images
-    (stratified_subset). Never fails the run: a problem is reported in the result."""
+    """--final-attack on the models --final-attack-models names (models_to_attack), split over
+    one Ray task per worker, each with a worker's resources, the way per-round evaluation is
+    split, on --final-samples fixed class-stratified test images (stratified_subset). Never fails the run: a problem is reported in the result."""
     import ray
 
     from .checkpoints import load_model_file
@@ -268,14 +279,16 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
     files = {"final": final_model, "best_robust": BEST_FILES["robust"]}
     loaded = {name: load_model_file(os.path.join(run_dir, f))
               for name, f in files.items() if f and os.path.isfile(os.path.join(run_dir, f))}
-    if not loaded:
-        return None
     final_round = records[-1]["round"] if records else None
     best_round = loaded["best_robust"][1].get("round") if "best_robust" in loaded else None
-    same_model = "final" in loaded and best_round is not None and best_round == final_round
-    if same_model:
-        del loaded["best_robust"]  # attack it once
-    states = {name: state for name, (state, _) in loaded.items()}
+    chosen_models = models_to_attack({name: meta.get("round") if name == "best_robust" else final_round
+                                      for name, (_, meta) in loaded.items()}, cfg.final_attack_models)
+    if not chosen_models:
+        return None
+    # the best-robust model left out because it is the final one gets the final model's numbers
+    same_model = "best_robust" in loaded and "best_robust" not in chosen_models and best_round is not None \
+        and best_round == final_round
+    states = {name: loaded[name][0] for name in chosen_models}
     chosen = stratified_subset(data.y_test, cfg.final_samples)
     samples = len(chosen)
     how = "all" if samples == len(data.y_test) else "a fixed class-stratified subset, the same for every run"

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .defaults import (AGGREGATORS, ATTACK_STARTS, BYZANTINE_ATTACKS, CLIENT_WEIGHTINGS, COMPILE_MODES, DATA_ON,
-                       DATASET_DEFAULTS, DATASETS, DEVICES, FINAL_ATTACKS, METHODS, PARTITIONS, PRECISIONS,
-                       TRACK_ARTIFACTS, TRACKERS)
+                       DATASET_DEFAULTS, DATASETS, DEVICES, FINAL_ATTACK_MODELS, FINAL_ATTACKS, METHODS, PARTITIONS,
+                       PRECISIONS, TRACK_ARTIFACTS, TRACKERS)
 from .errors import ConfigError
 from .schedule import LR_SCHEDULES
 
@@ -73,6 +73,7 @@ class RunConfig:
     mart_beta: float = 6.0
     val_fraction: float = 0.1
     final_attack: str = "apgd"
+    final_attack_models: str = "both"  # "final": skip best_robust.pt (half the attack when they differ)
     final_samples: int = 1000  # final_attack.DEFAULT_FINAL_IMAGES: the same stratified test images for every run
     eval_every: Optional[int] = None  # None: every round, or chosen by the planner under --time-budget
     test_every: int = 5  # the test set every N-th evaluated round (and at the last); validation every one
@@ -214,6 +215,8 @@ class RunConfig:
         need(0 <= self.val_fraction < 1, f"--val-fraction must be in [0, 1) (got {self.val_fraction})")
         need(self.final_attack in FINAL_ATTACKS,
              f"--final-attack {self.final_attack!r} is not one of {', '.join(FINAL_ATTACKS)}")
+        need(self.final_attack_models in FINAL_ATTACK_MODELS,
+             f"--final-attack-models {self.final_attack_models!r} is not one of {', '.join(FINAL_ATTACK_MODELS)}")
         need(self.final_samples >= 1,
              f"--final-samples must be >= 1 (got {self.final_samples})")
         need(self.eval_every is None or self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})")

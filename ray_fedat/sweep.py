@@ -37,6 +37,11 @@ SHARED_ONLY = ("storage_path", "address", "dashboard", "dashboard_host", "track"
 # Keys that must be the same for every run so that their numbers compare, and why.
 COMPARABLE_ONLY = {"final_samples": "every run's final attack must score the same test images for the robust "
                                     "accuracies of the table to compare"}
+# What a resumed run takes from the grid as it is now (an edited grid reaches the runs in progress):
+# how it is evaluated, attacked at the end and checkpointed, which never changes what it learns
+# (config.RESUMABLE lists every flag a resume may change; rounds and placement stay the run's own).
+FROM_GRID_ON_RESUME = ("eval_every", "test_every", "final_attack", "final_attack_models", "final_samples",
+                       "checkpoint_every", "keep_checkpoints")
 PATH_KEYS = ("data_dir", "data_file", "storage_path")  # made absolute: Tune trials run elsewhere
 DRIVER_MEMORY = 256 * 2**20  # bytes a trial reserves for its run's driver (data, Ray handles)
 # A run's summary.json status -> what the sweep does with it.
@@ -72,7 +77,14 @@ def read_grid_file(path: str) -> dict:
     from .config import read_mapping_file
 
     raw = read_mapping_file(path, path, "no such grid file", "a mapping of train flag names to values (lists vary)")
-    return {str(k).lstrip("-").replace("-", "_"): v for k, v in raw.items()}
+
+    def flag_name(key) -> str:
+        return str(key).lstrip("-").replace("-", "_")
+
+    def cell_value(v):  # a mapping in a list: one cell's own settings, spelled as flags too
+        return {flag_name(k): x for k, x in v.items()} if isinstance(v, dict) else v
+
+    return {flag_name(k): [cell_value(x) for x in v] if isinstance(v, list) else v for k, v in raw.items()}
 
 
 def expand_grid(raw: dict) -> Grid:
@@ -106,16 +118,35 @@ def expand_grid(raw: dict) -> Grid:
             varying[key] = value
         else:
             shared[key] = value
+    for key, values in varying.items():
+        for value in values:
+            if isinstance(value, dict):
+                check_cell_settings(key, value, known, varying)
     grid = Grid(shared, varying, seeds)
     combos: List[Dict[str, object]] = [{}]
-    for key, values in varying.items():
-        combos = [{**c, key: v} for c in combos for v in values]
+    for key, values in varying.items():  # a mapping in a list is one value with its own settings
+        combos = [{**c, **(v if isinstance(v, dict) else {key: v})} for c in combos for v in values]
     grid.cells = [Cell(cell_name(c), c) for c in combos]
     names = [c.name for c in grid.cells]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
         raise ConfigError(f"two cells get the same directory name {clash[0]!r}; make the varying values distinct")
     return grid
+
+
+def check_cell_settings(key: str, value: dict, known: set, varying: dict) -> None:
+    """A mapping among a key's values, e.g. `method: [pgd, {method: mart, lr: 0.01}]`: the value
+    of `key` with settings of its own (a method's learning rate chosen on validation). It must
+    name `key`'s value, and may set only train flags that nothing else varies."""
+    if key not in value:
+        raise ConfigError(f"{key}: {value} sets no {key} (write e.g. {{{key}: <value>, lr: 0.01}})")
+    for k in value:
+        k_flag = str(k)
+        if k_flag not in known or k_flag == "seed" or k_flag in SWEEP_OWNED or k_flag in SHARED_ONLY \
+                or k_flag in COMPARABLE_ONLY:
+            raise ConfigError(f"{key}: {value}: {k_flag!r} cannot be set for one cell")
+        if k_flag != key and k_flag in varying:
+            raise ConfigError(f"{key}: {value}: {k_flag} varies across the grid already")
 
 
 def name_part(value: object) -> str:
@@ -234,7 +265,8 @@ def plan_runs(grid: Grid, sweep_dir: str, time_budget: Optional[float] = None,
             state, note = run_state(run_dir, retry_failed)
             argv = run_argv(grid, cell, seed, sweep_dir, time_budget, rounds)
             if state == "resume":  # train's --resume: the run's own saved settings, from its checkpoint
-                argv = ["--resume", run_dir] + ([] if rounds is None else ["--rounds", str(rounds)])
+                now = {k: v for k, v in {**grid.shared, **cell.values}.items() if k in FROM_GRID_ON_RESUME}
+                argv = ["--resume", run_dir] + flags_to_argv(now) + ([] if rounds is None else ["--rounds", str(rounds)])
             runs.append(PlannedRun(name, cell.name, seed, argv, state, note))
     return runs
 
@@ -382,6 +414,11 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
         if r.state == "new" and os.path.isdir(run_dir):  # cut short before its summary: nothing to keep
             shutil.rmtree(run_dir)
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
+    # Ctrl-C (SIGINT) stops the sweep now. Tune's own handler ends "gracefully": it waits for the
+    # running trials to end, and a trial is a whole training run, so a SIGINT sent to the driver
+    # alone (`kill -INT`, a supervisor) waited up to an hour. Without it, KeyboardInterrupt leaves
+    # tuner.fit at once; the runs in progress stop with this driver and resume next time.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     first = next(iter(cfgs.values()))
     sweep_name = os.path.basename(sweep_dir)
     where, owns_ray = connect_ray(first, sweep_name)

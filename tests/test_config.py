@@ -65,6 +65,7 @@ def test_bad_values_raise_config_error(argv):
     (["--dataset", "npz"], "--dataset npz needs --data-file"),
     (["--dataset", "digits", "--epsilon", "eight"], "is not a number or a fraction"),
     (["--dataset", "digits", "--wrokers", "2"], "unrecognized arguments"),
+    (["--dataset", "digits", "--final-attack-models", "best"], "--final-attack-models 'best' is not one of both, final"),
 ])
 def test_cli_rejects_bad_input_with_one_line_before_ray_starts(argv, expected, capsys, monkeypatch):
     """In-process: main() prints the mistake as one line and exits 2 before it would connect to Ray."""

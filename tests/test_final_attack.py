@@ -10,8 +10,8 @@ from ray_fedat.client import ClientShard, LocalTrainingConfig, train_client
 from ray_fedat.data import load_digits
 import ray_fedat.final_attack as final_attack
 from ray_fedat.round_eval import count_correct
-from ray_fedat.final_attack import (attack_counts, attack_shard, combine_shards, stratified_subset,
-                                  weak_yardstick_warning)
+from ray_fedat.final_attack import (attack_counts, attack_shard, combine_shards, models_to_attack,
+                                  stratified_subset, weak_yardstick_warning)
 from ray_fedat.models import build_model
 
 EPS, STEP = 0.1, 0.025
@@ -140,6 +140,16 @@ def test_the_attacked_images_depend_on_the_data_and_n_only():
     assert sum(per_class) == 100
     assert torch.equal(stratified_subset(labels, 5000), torch.arange(len(labels)))  # all when fewer
     assert chosen.tolist() != list(range(100))  # not "the first N" (here: classes 0 and 1 only)
+
+
+def test_final_attack_models_names_what_is_attacked():
+    """both: the final and best-robust models, once when they are the same round; final: the
+    final model only; a run without a final model still gets its best-robust one attacked."""
+    assert models_to_attack({"final": 20, "best_robust": 18}, "both") == ["final", "best_robust"]
+    assert models_to_attack({"final": 20, "best_robust": 20}, "both") == ["final"]
+    assert models_to_attack({"final": 20, "best_robust": 18}, "final") == ["final"]
+    assert models_to_attack({"best_robust": 18}, "final") == ["best_robust"]
+    assert models_to_attack({}, "both") == []
 
 
 @pytest.mark.parametrize("classes", [2, 3])

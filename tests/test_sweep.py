@@ -93,6 +93,25 @@ def test_bad_grids_are_named(grid, message):
         expand_grid(grid)
 
 
+def test_a_cell_may_carry_settings_of_its_own(tmp_path):
+    """`method: [pgd, {method: mart, lr: 0.01}]`: the mart cell trains at its own lr (chosen on
+    validation), named by it; the others keep the shared value; a mapping must name its key."""
+    path = tmp_path / "g.yaml"
+    path.write_text("dataset: digits\nlr: 0.05\nmethod: [pgd, {method: mart, mart-beta: 3, lr: 0.01}]\n")
+    grid = expand_grid(read_grid_file(str(path)))
+    assert [c.name for c in grid.cells] == ["pgd", "mart_mart-beta3_lr0.01"]
+    runs = {r.cell: parse_config(r.argv) for r in plan_runs(grid, str(tmp_path))}
+    assert (runs["pgd"].method, runs["pgd"].lr) == ("pgd", 0.05)
+    assert (runs["mart_mart-beta3_lr0.01"].method, runs["mart_mart-beta3_lr0.01"].lr,
+            runs["mart_mart-beta3_lr0.01"].mart_beta) == ("mart", 0.01, 3)
+    with pytest.raises(ConfigError, match="sets no method"):
+        expand_grid({"dataset": "digits", "method": ["pgd", {"lr": 0.01}]})
+    with pytest.raises(ConfigError, match="lr varies across the grid already"):
+        expand_grid({"dataset": "digits", "lr": [0.1, 0.2], "method": ["pgd", {"method": "mart", "lr": 0.01}]})
+    with pytest.raises(ConfigError, match="'final_samples' cannot be set for one cell"):
+        expand_grid({"dataset": "digits", "method": ["pgd", {"method": "mart", "final_samples": 10}]})
+
+
 def test_grid_file_reads_flag_spellings(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text("dataset: digits\nlocal-epochs: [1, 2]\n--rounds: 3\n")
@@ -114,6 +133,12 @@ def test_finished_runs_are_skipped_and_cut_short_ones_resumed(tmp_path):
     assert states["pgd_s1"] == ("resume", ["--resume", str(tmp_path / "pgd_s1")])
     assert states["trades_s1"][0] == "new"
     assert run_state(str(tmp_path / "trades_s0"), retry_failed=True)[0] == "resume"
+    # the grid edited since: a run in progress takes how it is evaluated and attacked, not what it learns
+    edited = expand_grid({"dataset": "digits", "method": ["pgd", "trades"], "seed": [0, 1], "eval_every": 5,
+                          "final_attack_models": "final", "lr": 0.1})
+    resumed = {r.name: r.argv for r in plan_runs(edited, str(tmp_path))}["pgd_s1"]
+    assert resumed == ["--resume", str(tmp_path / "pgd_s1"), "--eval-every", "5", "--final-attack-models", "final"]
+    assert parse_config(resumed[2:] + ["--dataset", "digits"]).eval_every == 5  # flags train accepts
 
 
 def test_a_run_killed_in_its_final_attack_is_resumed_not_finished(tmp_path):
