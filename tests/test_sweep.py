@@ -4,6 +4,7 @@ The pure functions are tested without Ray; one test runs a real grid on Ray Tune
 driver halfway and runs the same command again."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -278,7 +279,8 @@ RUNS = ("base_s0", "base_s1")  # the killed sweep's runs: one cell (nothing vari
 @pytest.mark.slow
 def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path, mlflow_server):
     """1 method x 2 seeds, 2 rounds, 1 worker per trial, one trial at a time, PGD-100 at the end.
-    The driver is killed once the first run has finished; the same command runs the rest.
+    The driver gets SIGINT once the first run has finished: it stops at once, with the second
+    run cut short; the same command runs the rest.
     The sweep logs to a real MLflow server: one experiment, a parent run with the table, one
     run per cell and seed, and a run cut short goes on in the tracker run it started."""
     grid = tmp_path / "grid.yaml"
@@ -296,9 +298,16 @@ def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path, mlflow_server):
         finished = [d for d in RUNS if run_state(str(sweep_dir / d))[0] == "finished"]
         time.sleep(0.2)
     alive = proc.poll() is None
-    proc.kill()  # SIGKILL: no clean-up of any kind (Ray's processes share the driver's fate)
-    assert finished and alive, proc.communicate(timeout=60)[0][-3000:]
-    first_out = proc.communicate(timeout=60)[0]
+    # SIGINT to the driver alone (`kill -INT`, not a terminal's Ctrl-C to the whole process
+    # group): the sweep stops now, with the run in progress cut short, not after that run ends.
+    proc.send_signal(signal.SIGINT)
+    try:
+        first_out = proc.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the sweep did not stop within 60 s of SIGINT") from None
+    assert finished and alive, first_out[-3000:]
+    assert proc.returncode == 130 and "interrupted; finished runs are kept" in first_out, first_out[-3000:]
     assert "1 at a time" in first_out, first_out[-3000:]
     finished = [d for d in RUNS if run_state(str(sweep_dir / d))[0] == "finished"]
     assert finished == ["base_s0"], finished  # one at a time: the second had only started
