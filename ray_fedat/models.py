@@ -22,11 +22,15 @@ class SmallCNN(nn.Module):
     def __init__(self, shape, num_classes):
         super().__init__()
         c, pad = shape[0], (1 if min(shape[1:]) < 16 else 0)
+        # Max-pooling before the ReLU that the TRADES network has after each 2nd conv: a max
+        # commutes with a monotone activation, so the function and every gradient are the
+        # same bit for bit (tests/test_models.py), on a quarter of the elements. The layer
+        # indices, and so the checkpoints' keys, are the same too.
         self.features = nn.Sequential(
-            nn.Conv2d(c, 32, 3, padding=pad), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=pad), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=pad), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=pad), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(c, 32, 3, padding=pad), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=pad), nn.MaxPool2d(2),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=pad), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=pad), nn.MaxPool2d(2),
+            nn.ReLU(), nn.Flatten(),
         )
         self.classifier = nn.Sequential(
             nn.Linear(_flat_features(self.features, shape), 200), nn.ReLU(),
@@ -49,9 +53,11 @@ class LeNet(nn.Module):
 
     def __init__(self, shape, num_classes):
         super().__init__()
+        # Pooled before tanh (the article: tanh, then pool): tanh is monotone, so the function
+        # is the same, on a quarter of the elements (tests/test_models.py); same layer indices.
         self.features = nn.Sequential(
-            nn.Conv2d(shape[0], 32, 5, padding=2), nn.Tanh(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 5, padding=2), nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(shape[0], 32, 5, padding=2), nn.MaxPool2d(2), nn.Tanh(),
+            nn.Conv2d(32, 64, 5, padding=2), nn.MaxPool2d(2), nn.Tanh(), nn.Flatten(),
         )
         self.classifier = nn.Sequential(
             nn.Linear(_flat_features(self.features, shape), 512), nn.Tanh(), nn.Linear(512, num_classes),
@@ -115,3 +121,13 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 
 def build_model(name: str, shape, num_classes: int) -> nn.Module:
     return MODELS[name](tuple(shape), num_classes)
+
+
+def activation_before_pooling(model: nn.Module) -> nn.Module:
+    """The published layer order of SmallCNN and LeNet (activation, then max-pool), sharing the
+    model's layers: what tests/test_models.py and benchmarks/activation_order.py compare with."""
+    layers = list(model.features)
+    for i in range(len(layers) - 1):
+        if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], (nn.ReLU, nn.Tanh)):
+            layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    return nn.Sequential(nn.Sequential(*layers), model.classifier)
