@@ -270,7 +270,8 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
                      use_gpu: bool) -> Optional[dict]:
     """--final-attack on the models --final-attack-models names (models_to_attack), split over
     one Ray task per worker, each with a worker's resources, the way per-round evaluation is
-    split, on --final-samples fixed class-stratified test images (stratified_subset). Never fails the run: a problem is reported in the result."""
+    split, on --final-samples fixed class-stratified test images (stratified_subset). Never
+    fails the run: a problem is reported in the result."""
     import ray
 
     from .checkpoints import load_model_file

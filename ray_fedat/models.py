@@ -22,10 +22,10 @@ class SmallCNN(nn.Module):
     def __init__(self, shape, num_classes):
         super().__init__()
         c, pad = shape[0], (1 if min(shape[1:]) < 16 else 0)
-        # Max-pooling before the ReLU that the TRADES network has after each 2nd conv: a max
-        # commutes with a monotone activation, so the function and every gradient are the
-        # same bit for bit (tests/test_models.py), on a quarter of the elements. The layer
-        # indices, and so the checkpoints' keys, are the same too.
+        # Each second conv is max-pooled before its ReLU (TRADES' network: ReLU, then pool). A
+        # max commutes with a monotone activation, so the function and every gradient are the
+        # same bit for bit (tests/test_models.py), with the ReLU on a quarter of the elements.
+        # The conv layers keep their indices, so checkpoints' keys are unchanged.
         self.features = nn.Sequential(
             nn.Conv2d(c, 32, 3, padding=pad), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=pad), nn.MaxPool2d(2),
             nn.ReLU(),
