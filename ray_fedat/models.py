@@ -22,15 +22,11 @@ class SmallCNN(nn.Module):
     def __init__(self, shape, num_classes):
         super().__init__()
         c, pad = shape[0], (1 if min(shape[1:]) < 16 else 0)
-        # Each second conv is max-pooled before its ReLU (TRADES' network: ReLU, then pool). A
-        # max commutes with a monotone activation, so the function and every gradient are the
-        # same bit for bit (tests/test_models.py), with the ReLU on a quarter of the elements.
-        # The conv layers keep their indices, so checkpoints' keys are unchanged.
         self.features = nn.Sequential(
-            nn.Conv2d(c, 32, 3, padding=pad), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=pad), nn.MaxPool2d(2),
-            nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=pad), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=pad), nn.MaxPool2d(2),
-            nn.ReLU(), nn.Flatten(),
+            nn.Conv2d(c, 32, 3, padding=pad), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=pad), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=pad), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=pad), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(),
         )
         self.classifier = nn.Sequential(
             nn.Linear(_flat_features(self.features, shape), 200), nn.ReLU(),
@@ -54,7 +50,10 @@ class LeNet(nn.Module):
     def __init__(self, shape, num_classes):
         super().__init__()
         # Pooled before tanh (the article: tanh, then pool): tanh is monotone, so the function
-        # is the same, on a quarter of the elements (tests/test_models.py); same layer indices.
+        # and its gradients are the same (tests/test_models.py), with tanh on a quarter of the
+        # elements: 1.08-1.10x per CalFAT epoch (benchmarks/activation_order.py). The conv
+        # layers keep their indices, so checkpoints load. (SmallCNN's ReLUs moved the same way
+        # measured 0.985x, so they stay where TRADES put them.)
         self.features = nn.Sequential(
             nn.Conv2d(shape[0], 32, 5, padding=2), nn.MaxPool2d(2), nn.Tanh(),
             nn.Conv2d(32, 64, 5, padding=2), nn.MaxPool2d(2), nn.Tanh(), nn.Flatten(),
@@ -124,8 +123,9 @@ def build_model(name: str, shape, num_classes: int) -> nn.Module:
 
 
 def activation_before_pooling(model: nn.Module) -> nn.Module:
-    """The published layer order of SmallCNN and LeNet (activation, then max-pool), sharing the
-    model's layers: what tests/test_models.py and benchmarks/activation_order.py compare with."""
+    """A model's features with every (max-pool, activation) pair swapped to (activation, pool),
+    sharing its layers: LeNet in the article's order, what tests/test_models.py and
+    benchmarks/activation_order.py compare ours with."""
     layers = list(model.features)
     for i in range(len(layers) - 1):
         if isinstance(layers[i], nn.MaxPool2d) and isinstance(layers[i + 1], (nn.ReLU, nn.Tanh)):
