@@ -281,14 +281,13 @@ def run_final_attack(cfg: RunConfig, run_dir: str, data, final_model: Optional[s
     loaded = {name: load_model_file(os.path.join(run_dir, f))
               for name, f in files.items() if f and os.path.isfile(os.path.join(run_dir, f))}
     final_round = records[-1]["round"] if records else None
-    best_round = loaded["best_robust"][1].get("round") if "best_robust" in loaded else None
-    chosen_models = models_to_attack({name: meta.get("round") if name == "best_robust" else final_round
-                                      for name, (_, meta) in loaded.items()}, cfg.final_attack_models)
+    rounds = {name: meta.get("round") if name == "best_robust" else final_round for name, (_, meta) in loaded.items()}
+    chosen_models = models_to_attack(rounds, cfg.final_attack_models)
     if not chosen_models:
         return None
+    best_round = rounds.get("best_robust")
     # the best-robust model left out because it is the final one gets the final model's numbers
-    same_model = "best_robust" in loaded and "best_robust" not in chosen_models and best_round is not None \
-        and best_round == final_round
+    same_model = "best_robust" not in chosen_models and best_round is not None and best_round == final_round
     states = {name: loaded[name][0] for name in chosen_models}
     chosen = stratified_subset(data.y_test, cfg.final_samples)
     samples = len(chosen)

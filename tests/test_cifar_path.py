@@ -30,11 +30,11 @@ def cifar_like_npz(tmp_path_factory):
 
 @pytest.mark.ray
 def test_cifar10_preset_resnet18_with_augmentation_runs_end_to_end(tmp_path, ray_session, cifar_like_npz):
-    precision, extra = "fp32", ["--deterministic"]
+    precision = "fp32"
     cfg = parse_config(["--dataset", "npz", "--data-file", cifar_like_npz, "--preset", "cifar10", "--workers", "1",
                         "--rounds", "1", "--batch-size", "4", "--attack-steps", "1", "--eval-steps", "1",
                         "--precision", precision, "--device", DEVICE, "--storage-path", str(tmp_path),
-                        "--name", precision, "--final-attack", "none", *extra])
+                        "--name", precision, "--final-attack", "none", "--deterministic"])
     assert (cfg.model, cfg.epsilon) == ("resnet18", pytest.approx(8 / 255))
     summary = run(cfg)
     assert summary["status"] == "finished" and summary["rounds_completed"] == 1
