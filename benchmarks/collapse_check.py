@@ -50,20 +50,21 @@ def main() -> None:
         eps = epsilon_at(rnd, cfg.epsilon, cfg.eps_warmup_rounds)
         local = base.__class__(**{**base.__dict__, "lr": lr_at(rnd, cfg.rounds, cfg.lr, cfg.lr_schedule), "epsilon": eps,
                                   "step_size": cfg.step_size * eps / cfg.epsilon})
-        total, weight_sum, losses = torch.zeros_like(global_vec), 0.0, []
+        total, weight_sum, loss_sum = torch.zeros_like(global_vec), 0.0, 0.0
         for shard in shards:
             model.load_state_dict(unflatten_state(global_vec, spec))
-            losses.append(train_client(model, shard, local, generator_for(cfg.seed, rnd, shard.client_id), torch.device("cpu")))
+            loss = train_client(model, shard, local, generator_for(cfg.seed, rnd, shard.client_id), torch.device("cpu"))
             w = client_weight(cfg.client_weighting, len(shard))
             total += w * flatten_state(model.state_dict())[0]
             weight_sum += w
+            loss_sum += w * loss  # the round's training loss as the CLI records it
         global_vec = total / weight_sum
         model.load_state_dict(unflatten_state(global_vec, spec))
         model.eval()
         with torch.no_grad():
             acc = sum((model(x_val[i:i + 500]).argmax(1) == y_val[i:i + 500]).sum().item()
                       for i in range(0, len(y_val), 500)) / len(y_val)
-        line.append(f"r{rnd} {100 * acc:.1f}% (loss {sum(losses) / len(losses):.2f})")
+        line.append(f"r{rnd} {100 * acc:.1f}% (loss {loss_sum / weight_sum:.4f})")
         print(f"  {' '.join(flags)}: {', '.join(line)} [{time.time() - t0:.0f} s]", flush=True)
 
 
