@@ -126,7 +126,7 @@ class RunConfig:
             attack_start=self.attack_start if self.attack_start is not None else d.attack_start,
             eval_step_size=self.eval_step_size if self.eval_step_size is not None else d.eval_step_size or d.step_size,
             model=self.model if self.model is not None else d.model,
-            lr=self.lr if self.lr is not None else d.lr,
+            lr=self.lr if self.lr is not None else d.lr_for(self.method),
             batch_size=self.batch_size if self.batch_size is not None else d.batch_size,
             lr_schedule=self.lr_schedule if self.lr_schedule is not None else d.lr_schedule,
             eps_warmup_rounds=self.eps_warmup_rounds if self.eps_warmup_rounds is not None else d.eps_warmup_rounds,

@@ -36,6 +36,18 @@ def test_every_default_yardstick_can_reach_the_edge_of_the_ball(dataset, tmp_pat
     assert cfg.final_attack == "apgd"  # and every run ends with the strong attack
 
 
+def test_mnist_methods_that_collapse_at_the_shared_lr_default_to_their_own(tmp_path):
+    # PGD-AT and MART fell to one class at lr 0.04 under label skew (benchmarks/collapse_check.py)
+    lrs = {m: parse_config(["--dataset", "mnist", "--method", m]).lr for m in ("calfat", "trades", "pgd", "mart")}
+    assert lrs == {"calfat": 0.04, "trades": 0.04, "pgd": 0.02, "mart": 0.01}
+    (tmp_path / "x.npz").write_bytes(b"")  # only its name is checked here
+    npz = ["--dataset", "npz", "--data-file", str(tmp_path / "x.npz"), "--preset", "mnist"]
+    assert parse_config(npz + ["--method", "pgd"]).lr == 0.02
+    assert parse_config(["--dataset", "fmnist", "--method", "mart"]).lr == 0.01
+    assert parse_config(["--dataset", "mnist", "--method", "pgd", "--lr", "0.04"]).lr == 0.04  # a flag wins
+    assert parse_config(["--dataset", "digits", "--method", "pgd"]).lr == parse_config(["--dataset", "digits"]).lr
+
+
 def test_evaluation_step_size_is_a_fixed_yardstick():
     # Training with a larger attack step must not change the attack the run is judged by.
     cfg = parse_config(["--dataset", "mnist", "--step-size", "0.04", "--attack-steps", "10"])
