@@ -8,10 +8,12 @@ CalFAT with a 10-step KL attack (eps 0.3, step 0.01), batch 128, lr 0.01, one lo
 same 7200 images (our default 10% validation hold-out). Runs, one after the other:
 - the article's recipe, `torchrun --standalone --nproc_per_node 2 benchmarks/article_fat.py`;
 - our CLI with `--precision fp32`;
-- our CLI with `--precision auto` (bf16 where the CPU has it natively, else fp32 again).
+- our CLI with `--precision auto`, where the CPU has bf16 natively (elsewhere auto is fp32: the
+  fp32 run already measured it).
 Each is timed from launching the command to its exit (start-up, data, rounds, shut-down).
 Our CLI runs with `--final-attack none`, because the article has no final attack: the job is
-the same. Prints each run's time and accuracy after the last round, and the ratios last.
+the same. Prints each run's time and accuracy after the last round, and the ratios last, against
+issue 32's goals: <= 0.45 in fp32 on a CPU without bf16, <= 0.40 with bf16 where it is native.
 """
 import argparse
 import os
@@ -22,6 +24,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import REPO, mnist_subset_npz, read_metrics, run_cli  # noqa: E402
+
+sys.path.insert(0, REPO)
+from ray_fedat.precision import cpu_bf16_capability  # noqa: E402
 
 
 def run_article(data: str, rounds: int, log) -> float:
@@ -71,10 +76,12 @@ def main():
     with open(os.path.join(out, "log.txt"), "a") as log:
         article = run_article(data, args.rounds, log)
         fp32 = run_ours(data, args.rounds, "fp32", out, log)
-        auto = run_ours(data, args.rounds, "auto", out, log)
+        bf16_native, why = cpu_bf16_capability()
+        auto = run_ours(data, args.rounds, "auto", out, log) if bf16_native else None
     print(f"runs in {out}")
-    print(f"wall time ours / article: fp32 {fp32 / article:.2f} (goal <= 0.6), "
-          f"--precision auto {auto / article:.2f} (goal <= 0.45)")
+    print(f"wall time ours / article: fp32 {fp32 / article:.2f} (goal <= 0.45 on a CPU without bf16)"
+          + (f", --precision auto (bf16) {auto / article:.2f} (goal <= 0.40)" if auto is not None
+             else f"; no bf16 run: {why}"))
 
 
 if __name__ == "__main__":
