@@ -361,8 +361,20 @@ def sweep_trial(config: dict, runs: Dict[str, dict]) -> dict:
         return {"status": "failed", "run": config["name"], "error": error}
 
 
-def make_progress_callback(total: int, done_before: int, concurrency: int):
-    """A Tune callback on the sweep driver: one line per run started and ended, with the ETA."""
+def refresh_table(sweep_dir: str) -> None:
+    """Rewrite the table from the runs finished so far: after each run and when the sweep is
+    interrupted, so that a sweep of hours never leaves a table older than its last run."""
+    from .sweep_table import write_table
+
+    try:
+        write_table(sweep_dir)
+    except Exception as e:  # the table is a view of the runs' own files: it never stops the sweep
+        print(f"ray_fedat.sweep: table not refreshed ({type(e).__name__}: {e})", flush=True)
+
+
+def make_progress_callback(total: int, done_before: int, concurrency: int, sweep_dir: str):
+    """A Tune callback on the sweep driver: one line per run started and ended, with the ETA;
+    the table is rewritten as each run ends."""
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -382,6 +394,7 @@ def make_progress_callback(total: int, done_before: int, concurrency: int):
             eta = eta_seconds(self.durations, total - self.done, concurrency)
             print(f"ray_fedat.sweep: {trial.config['name']} {status} in {format_seconds(self.durations[-1])}; "
                   f"{self.done}/{total} runs done, ETA {format_seconds(eta)}", flush=True)
+            refresh_table(sweep_dir)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._ended(trial, "finished")
@@ -457,7 +470,7 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(
                 name="tune", storage_path=sweep_dir, verbose=0,
-                callbacks=[make_progress_callback(len(runs), len(runs) - len(todo), concurrency)]),
+                callbacks=[make_progress_callback(len(runs), len(runs) - len(todo), concurrency, sweep_dir)]),
         )
         tuner.fit()
         tune_ended = True
@@ -466,6 +479,7 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
             ray.shutdown()
         if not tune_ended:
             tracking.end("interrupted")
+            refresh_table(sweep_dir)  # the runs finished before the interrupt
     write_and_print_table(sweep_dir)
     left = [r.name for r in todo if run_state(os.path.join(sweep_dir, r.name))[0] not in DONE_STATUSES]
     failed = any(run_state(os.path.join(sweep_dir, r.name))[0] == "failed" for r in runs)

@@ -201,6 +201,8 @@ def plot_table(rows: List[dict], path: str, method_of: Dict[str, str]) -> None:
 
 def write_table(sweep_dir: str) -> Dict[str, str]:
     """table.md, table.csv and table.png in the sweep directory; returns their paths."""
+    from .recorder import atomic_write_text  # local: recorder imports Ray Train, the table needs none
+
     rows = sweep_rows(sweep_dir)
     with open(os.path.join(sweep_dir, SWEEP_FILE)) as f:
         sweep = json.load(f)
@@ -209,8 +211,7 @@ def write_table(sweep_dir: str) -> Dict[str, str]:
     method_of = {c["name"]: str(c["values"].get("method", shared_method)) for c in sweep["cells"]}
     paths = {"md": os.path.join(sweep_dir, "table.md"), "csv": os.path.join(sweep_dir, "table.csv"),
              "png": os.path.join(sweep_dir, "table.png")}
-    with open(paths["md"], "w") as f:
-        f.write(format_markdown(rows))
+    atomic_write_text(paths["md"], format_markdown(rows))  # a driver killed mid-write leaves the old table
     with open(paths["csv"], "w", newline="") as f:
         f.write(format_csv(rows))
     plot_table(rows, paths["png"], method_of)

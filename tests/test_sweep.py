@@ -268,6 +268,13 @@ def test_dry_run_prints_cells_and_runs_and_bad_grids_are_one_line(tmp_path, caps
                                                             "one of calfat, trades, mart, pgd, fgsm-rs, natural"]
 
 
+def test_a_table_that_cannot_be_written_does_not_stop_the_sweep(tmp_path, capsys):
+    from ray_fedat import sweep
+
+    sweep.refresh_table(str(tmp_path))  # no sweep.json: the table cannot be made
+    assert "ray_fedat.sweep: table not refreshed (FileNotFoundError" in capsys.readouterr().out
+
+
 def sweep_command(grid):
     return [sys.executable, "-m", "ray_fedat.sweep", str(grid)]
 
@@ -311,6 +318,9 @@ def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path, mlflow_server):
     assert "1 at a time" in first_out, first_out[-3000:]
     finished = [d for d in RUNS if run_state(str(sweep_dir / d))[0] == "finished"]
     assert finished == ["base_s0"], finished  # one at a time: the second had only started
+    # An interrupted sweep writes its table too: the run that finished is in it.
+    rows = [ln for ln in (sweep_dir / "table.md").read_text().splitlines() if ln.startswith("| base")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| base", "1/2"]], rows
     before = {d: (sweep_dir / d / "summary.json").stat().st_mtime for d in finished}
     unfinished = [d for d in RUNS if d not in finished]
     # The tracker runs started before the kill (a run's tracking.json is written after its summary.json).
