@@ -32,6 +32,8 @@ from ray_fedat.worker import client_weight, local_training_config  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check-rounds", type=int, default=4)
+    ap.add_argument("--lr-warmup-rounds", type=int, default=0,
+                    help="what-if, not a train flag: the round's lr times r/(W+1) in rounds r <= W")
     ap.add_argument("train_flags", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     flags = [f for f in args.train_flags if f != "--"]
@@ -48,7 +50,8 @@ def main() -> None:
     t0, line = time.time(), []
     for rnd in range(1, args.check_rounds + 1):
         eps = epsilon_at(rnd, cfg.epsilon, cfg.eps_warmup_rounds)
-        local = base.__class__(**{**base.__dict__, "lr": lr_at(rnd, cfg.rounds, cfg.lr, cfg.lr_schedule), "epsilon": eps,
+        lr = lr_at(rnd, cfg.rounds, cfg.lr, cfg.lr_schedule) * min(1.0, rnd / (args.lr_warmup_rounds + 1))
+        local = base.__class__(**{**base.__dict__, "lr": lr, "epsilon": eps,
                                   "step_size": cfg.step_size * eps / cfg.epsilon})
         total, weight_sum, loss_sum = torch.zeros_like(global_vec), 0.0, 0.0
         for shard in shards:
@@ -65,7 +68,8 @@ def main() -> None:
             acc = sum((model(x_val[i:i + 500]).argmax(1) == y_val[i:i + 500]).sum().item()
                       for i in range(0, len(y_val), 500)) / len(y_val)
         line.append(f"r{rnd} {100 * acc:.1f}% (loss {loss_sum / weight_sum:.4f})")
-        print(f"  {' '.join(flags)}: {', '.join(line)} [{time.time() - t0:.0f} s]", flush=True)
+        warmup = f" (lr warm-up {args.lr_warmup_rounds} rounds)" if args.lr_warmup_rounds else ""
+        print(f"  {' '.join(flags)}{warmup}: {', '.join(line)} [{time.time() - t0:.0f} s]", flush=True)
 
 
 if __name__ == "__main__":
