@@ -5,7 +5,10 @@ of the global model on the run's validation images (held-out training images, ne
 after each of the first ROUNDS rounds. Any ray_fedat.train flags after `--`.
 
     python benchmarks/common.py runs/mnist8k.npz
-    python benchmarks/collapse_check.py --check-rounds 4 -- --config grids/... --method pgd --seed 1 ...
+    python benchmarks/collapse_check.py --check-rounds 3 -- --dataset npz --data-file runs/mnist8k.npz \
+        --preset mnist --clients 4 --partition dirichlet --beta 0.5 --rounds 20 --method pgd --seed 1
+
+The round's epsilon step and the lr mirror worker.plan_round (which needs a live Worker); keep them in step.
 
 A model that predicts one class scores ~11% on MNIST's validation set; the methods table's PGD-AT seed 1
 did (benchmarks/README.md). Comparing recipes here over several seeds chooses them on validation data.
