@@ -142,6 +142,26 @@ def test_finished_runs_are_skipped_and_cut_short_ones_resumed(tmp_path):
     assert parse_config(resumed[2:] + ["--dataset", "digits"]).eval_every == 5  # flags train accepts
 
 
+def test_kept_results_carry_ended_runs_to_a_new_machine(tmp_path):
+    """benchmarks/keep_results.py: a sweep's ended runs saved on one machine are skipped by the
+    same sweep on an empty one; the run in progress is neither kept nor overwritten."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import keep_results
+
+    grid = expand_grid({"dataset": "digits", "method": ["pgd", "trades"], "seed": [0]})
+    old, kept, new = tmp_path / "old" / "grid", tmp_path / "kept", tmp_path / "new" / "grid"
+    write_summary(old / "pgd_s0")
+    write_summary(old / "trades_s0", status="running", rounds=1)
+    assert keep_results.save(str(old), str(kept)) == ["pgd_s0"]
+    assert keep_results.save(str(old), str(kept)) == []  # kept once: its machine stays the one it ran on
+    assert "cpu" in json.loads((kept / "grid" / "pgd_s0" / "machine.json").read_text())
+    write_summary(new / "trades_s0", status="running", rounds=1, natural=0.1)
+    assert keep_results.restore(str(new), str(kept)) == ["pgd_s0"]
+    states = {r.name: r.state for r in plan_runs(grid, str(new))}
+    assert states == {"pgd_s0": "finished", "trades_s0": "resume"}
+    assert json.loads((new / "trades_s0" / "summary.json").read_text())["final"]["natural_acc"] == 0.1
+
+
 def test_a_run_killed_in_its_final_attack_is_resumed_not_finished(tmp_path):
     """train.run writes `attacking` once the rounds are done: a run killed during its final
     attack has no headline number yet, so the sweep resumes it (which runs the attack again)."""
