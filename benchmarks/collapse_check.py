@@ -8,7 +8,7 @@ after each of the first ROUNDS rounds. Any ray_fedat.train flags after `--`.
     python benchmarks/collapse_check.py --check-rounds 3 -- --dataset npz --data-file runs/mnist8k.npz \
         --preset mnist --clients 4 --partition dirichlet --beta 0.5 --rounds 20 --method pgd --seed 1
 
-The round's epsilon step and the lr mirror worker.plan_round (which needs a live Worker); keep them in step.
+Each round's lr, epsilon and attack come from schedule.round_schedule, as worker.plan_round takes them.
 
 A model that predicts one class scores ~11% on MNIST's validation set; the methods table's PGD-AT seed 1
 did (benchmarks/README.md). Comparing recipes here over several seeds chooses them on validation data.
@@ -28,7 +28,7 @@ from ray_fedat.data import to_float  # noqa: E402
 from ray_fedat.federation import generator_for  # noqa: E402
 from ray_fedat.launch import prepare_data  # noqa: E402
 from ray_fedat.models import build_model  # noqa: E402
-from ray_fedat.schedule import epsilon_at, lr_at  # noqa: E402
+from ray_fedat.schedule import round_schedule  # noqa: E402
 from ray_fedat.worker import client_weight, local_training_config  # noqa: E402
 
 
@@ -51,11 +51,13 @@ def main() -> None:
     base = local_training_config(cfg, False, "fp32")
     x_val, y_val = to_float(data.x_val), data.y_val
     t0, line = time.time(), []
+    late = False
     for rnd in range(1, args.check_rounds + 1):
-        eps = epsilon_at(rnd, cfg.epsilon, cfg.eps_warmup_rounds)
-        lr = lr_at(rnd, cfg.rounds, cfg.lr, cfg.lr_schedule) * min(1.0, rnd / (args.lr_warmup_rounds + 1))
-        local = base.__class__(**{**base.__dict__, "lr": lr, "epsilon": eps,
-                                  "step_size": cfg.step_size * eps / cfg.epsilon})
+        sched = round_schedule(cfg, rnd, cfg.schedule_rounds, late)
+        late = sched.late
+        lr = sched.lr * min(1.0, rnd / (args.lr_warmup_rounds + 1))
+        local = base.__class__(**{**base.__dict__, "lr": lr, "epsilon": sched.epsilon,
+                                  "attack_steps": sched.attack_steps, "step_size": sched.step_size})
         total, weight_sum, loss_sum = torch.zeros_like(global_vec), 0.0, 0.0
         for shard in shards:
             model.load_state_dict(unflatten_state(global_vec, spec))

@@ -3,6 +3,7 @@ that fits a time budget. Pure functions of the round number."""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -40,6 +41,28 @@ def late_phase(round_: int, total_rounds: int, late_from: float) -> bool:
     """Whether `round_` is in the last part of the run that trains against the stronger
     attack: the rounds after late_from * total_rounds."""
     return round_ > late_from * total_rounds
+
+
+class RoundSchedule(NamedTuple):
+    """What one round trains with: its lr and its attack."""
+    lr: float
+    epsilon: float
+    attack_steps: int
+    step_size: float
+    late: bool  # the late attack has started (it stays)
+
+
+def round_schedule(cfg, round_: int, planned_rounds: int, late: bool = False) -> RoundSchedule:
+    """Round `round_`'s lr, epsilon and attack from a run's schedules (cfg: a RunConfig),
+    for a plan of `planned_rounds` rounds; `late`: the late attack already started. The
+    attack's step size scales with a warming-up epsilon, so the attack keeps its shape."""
+    at = schedule_round(round_, planned_rounds)
+    epsilon = epsilon_at(round_, cfg.epsilon, cfg.eps_warmup_rounds)
+    late = late or (cfg.late_attack_steps is not None and late_phase(at, planned_rounds, cfg.late_attack_from))
+    steps, step_size = ((cfg.late_attack_steps, cfg.late_step_size or cfg.step_size) if late
+                        else (cfg.attack_steps, cfg.step_size))
+    return RoundSchedule(lr_at(at, planned_rounds, cfg.lr, cfg.lr_schedule), epsilon, steps,
+                         step_size * epsilon / max(cfg.epsilon, 1e-12), late)
 
 
 def plan_rounds(done_rounds: int, seconds_left: float, seconds_per_round: float, reserve_s: float,

@@ -40,7 +40,7 @@ from .federation import ClientUpdates, assign_clients, generator_for, sample_cli
 from .models import build_model
 from .monitoring import worker_round_line
 from .precision import choose_compile, configure_backends, device_name, prepare_model, run_precision
-from .schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds, schedule_round
+from .schedule import eval_interval, plan_rounds, round_schedule
 from .storage import RankStorage, sees_marker, storage_rank
 
 
@@ -309,17 +309,12 @@ def plan_round(w: Worker, round_: int, late: bool) -> RoundPlan:
     cfg, total_rounds = w.cfg, w.planner.total_rounds
     # With --time-budget the schedules follow the current plan; else the run's first --rounds.
     planned = total_rounds if w.planner.deadline is not None else cfg.schedule_rounds
-    at = schedule_round(round_, planned)
-    epsilon = epsilon_at(round_, cfg.epsilon, cfg.eps_warmup_rounds)
-    # The stronger late attack, once it starts, stays (a re-plan never takes it back).
-    late = late or (cfg.late_attack_steps is not None and late_phase(at, planned, cfg.late_attack_from))
-    steps, step_size = ((cfg.late_attack_steps, cfg.late_step_size or cfg.step_size) if late
-                        else (cfg.attack_steps, cfg.step_size))
-    local_cfg = dataclasses.replace(w.local_cfg, lr=lr_at(at, planned, cfg.lr, cfg.lr_schedule), epsilon=epsilon,
-                                    attack_steps=steps, step_size=step_size * epsilon / max(cfg.epsilon, 1e-12))
+    sched = round_schedule(cfg, round_, planned, late)
+    local_cfg = dataclasses.replace(w.local_cfg, lr=sched.lr, epsilon=sched.epsilon, attack_steps=sched.attack_steps,
+                                    step_size=sched.step_size)
     score_val, score_test = what_to_score(round_, total_rounds, w.planner.eval_every, cfg.test_every,
                                           w.val_set is not None, w.planner.deadline is not None)
-    return RoundPlan(round_, local_cfg, late, set(sample_clients(cfg.clients, cfg.client_fraction, cfg.seed, round_)),
+    return RoundPlan(round_, local_cfg, sched.late, set(sample_clients(cfg.clients, cfg.client_fraction, cfg.seed, round_)),
                      w.planner.eval_every, score_val, score_test)
 
 

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from ray_fedat.config import parse_config
-from ray_fedat.schedule import epsilon_at, eval_interval, late_phase, lr_at, plan_rounds, schedule_round
+from ray_fedat.schedule import (epsilon_at, eval_interval, late_phase, lr_at, plan_rounds, round_schedule,
+                                schedule_round)
 
 
 def test_cosine_lr_starts_at_base_and_decays_monotonically():
@@ -34,6 +35,19 @@ def test_late_phase_is_the_rounds_after_its_share_of_the_plan():
     assert [late_phase(r, 10, 0.5) for r in range(1, 11)] == [False] * 5 + [True] * 5
     assert [late_phase(r, 10, 0.0) for r in (1, 10)] == [True, True]
     assert not late_phase(7, 10, 0.7) and late_phase(8, 10, 0.7)
+
+
+def test_a_round_schedule_joins_lr_epsilon_and_the_attack():
+    """What the worker and benchmarks/collapse_check.py train each round with: the attack's step
+    shrinks with a warming-up epsilon, the late attack starts after its share and stays."""
+    cfg = parse_config(["--dataset", "digits", "--lr", "0.1", "--lr-schedule", "cosine", "--epsilon", "0.3",
+                        "--step-size", "0.06", "--attack-steps", "5", "--eps-warmup-rounds", "2",
+                        "--late-attack-steps", "10", "--late-step-size", "0.03", "--late-attack-from", "0.5"])
+    first = round_schedule(cfg, 1, 10)
+    assert first == pytest.approx((0.1, 0.1, 5, 0.02, False))
+    assert round_schedule(cfg, 6, 10) == pytest.approx((lr_at(6, 10, 0.1, "cosine"), 0.3, 10, 0.03, True))
+    assert round_schedule(cfg, 2, 10, late=True).attack_steps == 10  # once started, it stays
+    assert round_schedule(cfg, 12, 10).lr == lr_at(10, 10, 0.1, "cosine")  # an extension keeps the plan's end
 
 
 def test_plan_rounds_fits_the_time_left():
