@@ -257,27 +257,28 @@ def cli_run(tmp_path_factory):
         seen.endpoint = console.wait_for(r'ray_fedat: Prometheus metrics ray_fedat_\*\{run="e2e"\} at (http://\S+)',
                                          proc, 60).group(1)
         seen.runs_api_without_token = get(seen.dashboard + TRAIN_RUNS_API)[0]
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            status, body = get(seen.dashboard + TRAIN_RUNS_API, token)
-            if status == 200:
-                runs = [r for r in json.loads(body)["train_runs"] if r["name"] == name]
-                if runs and runs[0]["status"] == "RUNNING" and runs[0]["attempts"][-1]["workers"]:
-                    seen.train_run = runs[0]
-                    break
-            time.sleep(1)
-        seen.jobs = get(seen.dashboard + "/api/jobs/", token)
-        # Scrape while it runs (the final attack keeps the driver, which sets the gauges, alive
-        # after the last round) until the gauges have shown two rounds or more and the last one.
+        # The Train state API and the gauges are watched in one loop from the start: a digits round
+        # takes ~1 s on an AVX-512 CPU, and the rounds may be over before a second export (2 s).
+        # The final attack keeps the driver, which sets the gauges, alive after the last round.
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
+            if seen.train_run is None:
+                status, body = get(seen.dashboard + TRAIN_RUNS_API, token)
+                if status == 200:
+                    runs = [r for r in json.loads(body)["train_runs"] if r["name"] == name]
+                    # RUNNING while it trains; a finished run keeps its workers.
+                    if runs and runs[0]["status"] in ("RUNNING", "FINISHED") and runs[0]["attempts"][-1]["workers"]:
+                        seen.train_run = runs[0]
+                        seen.jobs = get(seen.dashboard + "/api/jobs/", token)
             values = scrape(seen.endpoint, name)
             if values:
                 seen.scrapes.append(values)
             rounds = {s.get("ray_fedat_round") for s in seen.scrapes}
-            if len(rounds) >= 2 and CLI_ROUNDS in rounds:
+            if seen.train_run is not None and len(rounds) >= 2 and CLI_ROUNDS in rounds:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
+        if seen.train_run is None:
+            seen.jobs = get(seen.dashboard + "/api/jobs/", token)
         proc.wait(timeout=600)
     finally:
         if proc.poll() is None:

@@ -119,7 +119,7 @@ def test_a_dashboard_run_shows_in_the_train_api_the_jobs_list_the_logs_and_prome
     assert run.dashboard_line == "until the run ends; it asks for the token: the value of $RAY_AUTH_TOKEN"
     # Ray Train's state API: refused without the token, lists the run and its workers with it.
     assert run.runs_api_without_token == 401
-    assert run.train_run is not None, f"the run never showed as RUNNING in {TRAIN_RUNS_API}"
+    assert run.train_run is not None, f"the run never showed with its workers in {TRAIN_RUNS_API}"
     assert sorted(w["world_rank"] for w in run.train_run["attempts"][-1]["workers"]) == [0, 1]
     # The Jobs list's Name column is the job's metadata job_name: the run name.
     status, body = run.jobs
