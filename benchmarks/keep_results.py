@@ -23,7 +23,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ray_fedat.precision import CPU_NATIVE_BF16_FLAGS, cpu_model_name, read_cpuinfo  # noqa: E402
+from ray_fedat.precision import CPU_NATIVE_BF16_FLAGS, cpu_flags, cpu_model_name, read_cpuinfo  # noqa: E402
+from ray_fedat.sweep import run_state  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 RUN_FILES = ("summary.json", "metrics.jsonl")
@@ -34,17 +35,13 @@ MACHINE_FILE = "machine.json"
 def this_machine() -> dict:
     """The CPU a run is saved from: its model name and the flags that decide its arithmetic."""
     text = read_cpuinfo() or ""
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    flags = cpu_flags(text) or set()
     wanted = ("avx2", "avx512f", *CPU_NATIVE_BF16_FLAGS)
     return {"cpu": cpu_model_name(text), "flags": [f for f in wanted if f in flags], "cores": os.cpu_count()}
 
 
 def ended(run_dir: str) -> bool:
-    try:
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            return json.load(f).get("status") in ("finished", "failed")
-    except (OSError, ValueError):
-        return False
+    return run_state(run_dir)[0] in ("finished", "failed")
 
 
 def save(sweep_dir: str, results_root: str = RESULTS) -> list:
