@@ -60,7 +60,7 @@ class PlannedRun:
     cell: str
     seed: int
     argv: List[str]  # the `python -m ray_fedat.train` flags of this run
-    state: str = "new"  # new, resume, finished, failed
+    state: str = "new"  # new, resume, finished, failed, or held (its cell not in --cells this time)
     note: str = ""
 
 
@@ -271,6 +271,22 @@ def plan_runs(grid: Grid, sweep_dir: str, time_budget: Optional[float] = None,
     return runs
 
 
+def hold_other_cells(grid: Grid, runs: List[PlannedRun], names: Optional[Sequence[str]]) -> List[PlannedRun]:
+    """--cells: the runs still to do outside the named cells are held for a later invocation
+    (a sweep of hours can finish the cells a comparison needs first; the table keeps every
+    cell). Unknown names are a ConfigError naming the grid's cells."""
+    if not names:
+        return runs
+    known = [c.name for c in grid.cells]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"--cells: no cell {', '.join(map(repr, unknown))} in the grid (its cells: {', '.join(known)})")
+    for r in runs:
+        if r.cell not in names and r.state in ("new", "resume"):
+            r.state, r.note = "held", f"{r.state}; its cell is not in --cells"
+    return runs
+
+
 def final_samples_clash(runs: Sequence[PlannedRun], sweep_dir: str, expected: int) -> Optional[str]:
     """One line when a run already started with another --final-samples than the grid's (the
     grid was edited between invocations; a resumed run keeps its own), else None: the robust
@@ -417,8 +433,10 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
     os.makedirs(sweep_dir, exist_ok=True)
     with open(os.path.join(sweep_dir, SWEEP_FILE), "w") as f:
         json.dump(sweep_record(grid_path, grid, runs), f, indent=1)
+    held = sum(r.state == "held" for r in runs)
     if not todo:
-        print(f"ray_fedat.sweep: all {len(runs)} runs are done already")
+        print(f"ray_fedat.sweep: all {len(runs) - held} runs are done already"
+              + (f" ({held} held: their cells are not in --cells)" if held else ""))
         write_and_print_table(sweep_dir)
         fail_if_any_failed(sweep_dir, runs)
         return
@@ -445,7 +463,7 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
         budgets = [c.time_budget for c in cfgs.values()]
         eta = "" if None in budgets else \
             f", ETA {format_seconds(eta_seconds([max(budgets)], len(todo), concurrency))} from the time budget"
-        print(f"ray_fedat.sweep: {len(todo)} of {len(runs)} runs to go "
+        print(f"ray_fedat.sweep: {len(todo)} of {len(runs) - held} runs to go "
               f"({sum(r.state == 'resume' for r in todo)} resumed), {concurrency} at a time on {where}{eta}; "
               f"results in {sweep_dir}", flush=True)
         # Train V2 workers get their own placement group, outside the trial's: a trial that
@@ -470,7 +488,8 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
             run_config=tune.RunConfig(
                 name="tune", storage_path=sweep_dir, verbose=0,
-                callbacks=[make_progress_callback(len(runs), len(runs) - len(todo), concurrency, sweep_dir)]),
+                callbacks=[make_progress_callback(len(runs) - held, len(runs) - held - len(todo), concurrency,
+                                                  sweep_dir)]),
         )
         tuner.fit()
         tune_ended = True
@@ -484,6 +503,8 @@ def run_sweep(grid_path: str, sweep_dir: str, grid: Grid, runs: List[PlannedRun]
     left = [r.name for r in todo if run_state(os.path.join(sweep_dir, r.name))[0] not in DONE_STATUSES]
     failed = any(run_state(os.path.join(sweep_dir, r.name))[0] == "failed" for r in runs)
     finish_sweep_tracking(tracking, sweep_dir, "interrupted" if left else "failed" if failed else "finished")
+    if held:
+        print(f"ray_fedat.sweep: {held} run(s) held (their cells are not in --cells); the command without --cells runs them")
     if left:  # Ctrl-C (Tune stops its trials), or a trial lost with its node
         raise RunFailed(f"{len(left)} run(s) not finished ({', '.join(left)}); the same command resumes them",
                         code=130)
@@ -541,6 +562,8 @@ def build_sweep_parser() -> argparse.ArgumentParser:
                    help="each run's --rounds (overrides the grid's rounds; e.g. a 2-round smoke test of a grid)")
     p.add_argument("--max-concurrent", type=int, default=None, metavar="N",
                    help="at most N runs at once (default: as many as the cluster's CPUs/GPUs hold)")
+    p.add_argument("--cells", type=lambda v: [c for c in v.split(",") if c], default=None, metavar="CELL[,CELL]",
+                   help="run only these cells' runs this time (a comparison's cells first); the table keeps every cell")
     p.add_argument("--retry-failed", action="store_true", help="resume failed runs too (default: keep them as failed)")
     return p
 
@@ -558,7 +581,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if not name or "/" in name or name in (".", ".."):
             raise ConfigError(f"--name {name!r} must be a plain directory name")
         sweep_dir = sweep_dir_of(raw, name)
-        runs = plan_runs(grid, sweep_dir, args.time_budget, args.retry_failed, args.rounds)
+        runs = hold_other_cells(grid, plan_runs(grid, sweep_dir, args.time_budget, args.retry_failed, args.rounds),
+                                args.cells)
         for r in runs:  # every run's flags checked before anything starts
             try:
                 parse_config(r.argv)

@@ -162,6 +162,34 @@ def test_kept_results_carry_ended_runs_to_a_new_machine(tmp_path):
     assert json.loads((new / "trades_s0" / "summary.json").read_text())["final"]["natural_acc"] == 0.1
 
 
+def test_compare_partitions_reports_the_change_in_a_methods_lead_under_skew(tmp_path):
+    """benchmarks/compare_partitions.py: a method's lead over another under IID and under label
+    skew, and its change, from two sweeps' own files (finished runs only), with Welch's SE."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import compare_partitions
+
+    grid = expand_grid({"dataset": "digits", "method": ["calfat", "trades"], "seed": [0, 1, 2, 3]})
+    scores = {"iid": {"calfat": [0.80, 0.82, 0.84], "trades": [0.85, 0.87, 0.89]},
+              "skew": {"calfat": [0.60, 0.62, 0.64], "trades": [0.50, 0.52, 0.54]}}
+    for half, cells in scores.items():
+        for cell, values in cells.items():
+            for seed, value in enumerate(values):
+                write_summary(tmp_path / half / f"{cell}_s{seed}",
+                              final_attack={"models": {"final": {"robust_acc": value}}})
+        write_summary(tmp_path / half / "trades_s3", status="failed",  # calfat_s3 never ran
+                      final_attack={"models": {"final": {"robust_acc": 0.0}}})
+        with open(tmp_path / half / "sweep.json", "w") as f:
+            json.dump(sweep_record("g.yaml", grid, plan_runs(grid, str(tmp_path / half))), f)
+    assert compare_partitions.cell_scores(str(tmp_path / "iid")) == scores["iid"]
+    report = compare_partitions.compare(scores["iid"], scores["skew"], "calfat")
+    se = 0.02 / 3 ** 0.5 * 2 ** 0.5 * 100  # two cells of 3 seeds, sample std 0.02 each
+    assert f"| calfat | 82.0 ± 2.0 (n=3) | 62.0 ± 2.0 (n=3) | +20.0 ± {se:.1f}, t = {20 / se:.1f} |" in report
+    assert f"| trades | -5.0 ± {se:.1f}, t = {-5 / se:.1f} | +10.0 ± {se:.1f}, t = {10 / se:.1f} | " \
+           f"+15.0 ± {se * 2 ** 0.5:.1f}, t = {15 / (se * 2 ** 0.5):.1f} |" in report
+    with pytest.raises(SystemExit, match="no cell 'mart' in both sweeps"):
+        compare_partitions.compare(scores["iid"], scores["skew"], "mart")
+
+
 def test_a_run_killed_in_its_final_attack_is_resumed_not_finished(tmp_path):
     """train.run writes `attacking` once the rounds are done: a run killed during its final
     attack has no headline number yet, so the sweep resumes it (which runs the attack again)."""
@@ -288,6 +316,30 @@ def test_dry_run_prints_cells_and_runs_and_bad_grids_are_one_line(tmp_path, caps
                                                             "one of calfat, trades, mart, pgd, fgsm-rs, natural"]
 
 
+def test_cells_holds_the_other_cells_runs_for_a_later_invocation(tmp_path, capsys):
+    """--cells runs a comparison's cells first: the other cells' runs still to do are held
+    (finished ones stay finished), and the dry run shows it; an unknown cell is one line."""
+    from ray_fedat import sweep
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(f"dataset: digits\nworkers: 1\nmethod: [pgd, trades, mart]\nseed: [0, 1]\n"
+                    f"storage-path: {tmp_path}\n")
+    write_summary(tmp_path / "g" / "mart_s0")
+    write_summary(tmp_path / "g" / "trades_s1", status="running", rounds=1)
+    runs = sweep.hold_other_cells(expand_grid(read_grid_file(str(grid))),
+                                  plan_runs(expand_grid(read_grid_file(str(grid))), str(tmp_path / "g")), ["pgd"])
+    assert {r.name: r.state for r in runs} == {"pgd_s0": "new", "trades_s0": "held", "mart_s0": "finished",
+                                               "pgd_s1": "new", "trades_s1": "held", "mart_s1": "held"}
+    sweep.main([str(grid), "--dry-run", "--cells", "pgd,mart"])
+    out = capsys.readouterr().out
+    assert "run trades_s1: held (resume; its cell is not in --cells)" in out and "run mart_s1: new" in out
+    with pytest.raises(SystemExit) as e:
+        sweep.main([str(grid), "--dry-run", "--cells", "pgd,nope"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("ray_fedat: error: --cells: no cell 'nope' in the grid "
+                                               "(its cells: pgd, trades, mart)")
+
+
 def test_a_table_that_cannot_be_written_does_not_stop_the_sweep(tmp_path, capsys):
     from ray_fedat import sweep
 
@@ -397,14 +449,16 @@ def test_a_killed_sweep_finishes_only_the_missing_runs(tmp_path, mlflow_server):
 def test_runs_that_fail_before_their_summary_are_recorded_failed_not_retried(tmp_path, ray_session, capsys):
     """--device cuda without GPUs: every run stops before train.run writes its summary. Each is
     recorded failed with train's one-line reason, the sweep exits 1 in one line, and the same
-    command does not start them again (it used to exit 130 and "resume" them forever).
+    command does not start them again (it used to exit 130 and "resume" them forever). With
+    --cells, only the named cell's runs start; the same command without it runs the rest.
     In-process (`python -m ray_fedat.sweep` is this main) on the session's Ray, which has no GPU."""
     from ray_fedat.sweep import main
 
     if ray_session.cluster_resources().get("GPU"):
         pytest.skip("the session's Ray has a GPU here: --device cuda would not fail")
     grid = tmp_path / "gpu.yaml"
-    grid.write_text(f"dataset: digits\nworkers: 1\nrounds: 1\ndevice: cuda\nseed: [0, 1]\nstorage-path: {tmp_path}\n")
+    grid.write_text(f"dataset: digits\nworkers: 1\nrounds: 1\ndevice: cuda\nlr: [0.1, 0.05]\nseed: [0, 1]\n"
+                    f"storage-path: {tmp_path}\n")
 
     def sweep(*extra):
         with pytest.raises(SystemExit) as e:
@@ -412,22 +466,31 @@ def test_runs_that_fail_before_their_summary_are_recorded_failed_not_retried(tmp
         out, err = capsys.readouterr()
         return e.value.code, out, err
 
-    code, out, err = sweep()
     reason = "--device cuda needs 1 GPUs in the cluster (one per worker), found 0"
-    errors = [ln for ln in err.splitlines() if ln.startswith("ray_fedat: error:")]
+
+    def one_error_line(err, failed, total):
+        errors = [ln for ln in err.splitlines() if ln.startswith("ray_fedat: error:")]
+        assert errors == [f"ray_fedat: error: {len(failed)} of {total} run(s) failed ({', '.join(failed)}); "
+                          f"{failed[0]}: {reason}; the table shows them, --retry-failed runs them again"], err[-3000:]
+
+    code, out, err = sweep("--cells", "lr0.1")  # one cell first: the other's runs are held, not started
     assert code == 1, out[-3000:] + err[-3000:]
-    assert errors == [f"ray_fedat: error: 2 of 2 run(s) failed (base_s0, base_s1); base_s0: {reason}; the table "
-                      "shows them, --retry-failed runs them again"], err[-3000:]
-    for run in ("base_s0", "base_s1"):
+    one_error_line(err, ["lr0.1_s0", "lr0.1_s1"], 4)
+    assert "2 run(s) held (their cells are not in --cells)" in out and "started lr0.05" not in out
+    assert not (tmp_path / "gpu" / "lr0.05_s0").exists()
+    code, out, err = sweep()  # then the rest
+    assert code == 1 and "2 of 4 runs to go" in out, out[-3000:] + err[-3000:]
+    one_error_line(err, ["lr0.1_s0", "lr0.05_s0", "lr0.1_s1", "lr0.05_s1"], 4)
+    for run in ("lr0.1_s0", "lr0.05_s1"):
         summary = json.loads((tmp_path / "gpu" / run / "summary.json").read_text())
         assert (summary["status"], summary["error"], summary["started"]) == ("failed", reason, False)
         assert summary["config"]["device"] == "cuda"
-    assert "| base | 0/2 |" in (tmp_path / "gpu" / "table.md").read_text()
+    assert "| lr0.05 | 0/2 |" in (tmp_path / "gpu" / "table.md").read_text()
     code, out, err = sweep()
-    assert code == 1 and "all 2 runs are done already" in out, err[-3000:]
-    assert "started base" not in out
+    assert code == 1 and "all 4 runs are done already" in out, err[-3000:]
+    assert "started lr" not in out
     main([str(grid), "--dry-run", "--retry-failed"])  # returns: a dry run starts nothing
-    assert "run base_s0: new (failed before it started: " in capsys.readouterr().out  # a retry starts it anew
+    assert "run lr0.1_s0: new (failed before it started: " in capsys.readouterr().out  # a retry starts it anew
 
 
 @pytest.mark.ray
