@@ -52,6 +52,16 @@ def run_outcome(summary: Optional[dict]) -> str:
     return "unfinished"
 
 
+def predicts_one_class(summary: dict) -> bool:
+    """A finished run whose final model is no better than naming the test set's largest class
+    (a global model that fell to one class): it still counts in its cell's mean, since that is
+    what the method did on that seed, but the table says so rather than hide it in a std."""
+    natural, images = dig(summary, "final", "natural_acc"), dig(summary, "final", "per_class", "images")
+    if natural is None or not images or not sum(images):
+        return False
+    return natural <= max(images) / sum(images) + 0.005
+
+
 def run_values(summary: dict) -> Dict[str, Optional[float]]:
     """One run's numbers for the table (None where the summary has no such entry)."""
     return {
@@ -90,6 +100,8 @@ def cell_row(cell: dict, summaries: Dict[str, Optional[dict]]) -> dict:
     row["yardstick"] = ", ".join(yardsticks)
     row["labels"] = {"final_attack": attacks, "yardstick": yardsticks}  # the column names (a name may hold a comma)
     problems = [f"{name.rsplit('_', 1)[-1]} {o}" for name, o in outcomes.items() if o != "finished"]
+    problems += [f"{name.rsplit('_', 1)[-1]} predicts one class (counted)" for name, o in outcomes.items()
+                 if o == "finished" and predicts_one_class(summaries[name])]
     row["status"] = "; ".join(problems) if problems else "ok"
     return row
 

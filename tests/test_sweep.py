@@ -272,6 +272,12 @@ def test_a_cell_averages_finished_runs_and_shows_the_failed_one():
     csv_lines = format_csv([row]).splitlines()
     assert csv_lines[0].startswith("cell,method,runs,n,natural_mean,natural_std,natural_n,yardstick_robust_mean")
     assert csv_lines[1].startswith("pgd,pgd,3,2,0.8500,0.0707,2,0.5000,0.1414,2,0.5500,,1,,,0,")
+    one_class = {"status": "finished", "final": {"natural_acc": 0.1145, "robust_acc": 0.1145,
+                                                 "per_class": {"images": [192, 229, 219, 210, 175, 181, 211, 203, 197, 183]}}}
+    summaries["pgd_s1"]["final"]["per_class"] = {"images": [10] * 10}  # 80% on 10 balanced classes: trained
+    row = cell_row(cell, {**summaries, "pgd_s2": one_class})  # a model that names class 1 (229 of 2000) only
+    assert row["n"] == 3 and row["status"] == "s2 predicts one class (counted)"
+    assert row["natural"]["mean"] == pytest.approx((0.9 + 0.8 + 0.1145) / 3)
     nothing = cell_row({"name": "x", "runs": ["x_s0"]}, {"x_s0": None})
     assert nothing["n"] == 0 and nothing["status"] == "s0 not run" and nothing["natural"]["mean"] is None
 
