@@ -21,7 +21,6 @@ results (benchmarks/keep_results.py) as well as on a live sweep directory.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -30,7 +29,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ray_fedat.sweep_table import SWEEP_FILE, read_summary, run_outcome, run_values  # noqa: E402
+from ray_fedat.sweep_table import mean_std, pct, sweep_rows  # noqa: E402
 
 
 class Estimate(NamedTuple):
@@ -47,17 +46,11 @@ class Estimate(NamedTuple):
 
 def cell_scores(sweep_dir: str, metric: str = "final_attack_robust") -> Dict[str, List[float]]:
     """cell name -> the metric of each finished run (seed order), from a sweep directory."""
-    path = os.path.join(sweep_dir, SWEEP_FILE)
-    if not os.path.isfile(path):
-        raise SystemExit(f"compare_partitions: {sweep_dir} has no {SWEEP_FILE} (not a ray_fedat sweep directory)")
-    with open(path) as f:
-        cells = json.load(f)["cells"]
-    scores = {}
-    for cell in cells:
-        summaries = [read_summary(os.path.join(sweep_dir, run)) for run in cell["runs"]]
-        values = [run_values(s)[metric] for s in summaries if run_outcome(s) == "finished"]
-        scores[cell["name"]] = [float(v) for v in values if v is not None]
-    return scores
+    try:
+        rows = sweep_rows(sweep_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"compare_partitions: {e}")
+    return {r["cell"]: [float(v[metric]) for v in r["run_values"] if v[metric] is not None] for r in rows}
 
 
 def mean_se(values: Sequence[float]) -> Estimate:
@@ -73,8 +66,7 @@ def difference(a: Estimate, b: Estimate) -> Estimate:
 
 
 def spread(values: Sequence[float]) -> str:
-    std = f" ± {statistics.stdev(values) * 100:.1f}" if len(values) >= 2 else ""
-    return f"{statistics.fmean(values) * 100:.1f}{std} (n={len(values)})" if values else "-"
+    return f"{pct(mean_std(list(values)))} (n={len(values)})" if values else "-"
 
 
 def compare(iid: Dict[str, List[float]], skew: Dict[str, List[float]], method: Optional[str]) -> str:

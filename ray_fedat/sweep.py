@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import build_parser, parse_config
@@ -281,10 +281,8 @@ def hold_other_cells(grid: Grid, runs: List[PlannedRun], names: Optional[Sequenc
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(f"--cells: no cell {', '.join(map(repr, unknown))} in the grid (its cells: {', '.join(known)})")
-    for r in runs:
-        if r.cell not in names and r.state in ("new", "resume"):
-            r.state, r.note = "held", f"{r.state}; its cell is not in --cells"
-    return runs
+    return [replace(r, state="held", note=f"{r.state}; its cell is not in --cells")
+            if r.cell not in names and r.state in ("new", "resume") else r for r in runs]
 
 
 def final_samples_clash(runs: Sequence[PlannedRun], sweep_dir: str, expected: int) -> Optional[str]:

@@ -86,14 +86,15 @@ def cell_row(cell: dict, summaries: Dict[str, Optional[dict]]) -> dict:
     outcomes = {name: run_outcome(summaries.get(name)) for name in cell["runs"]}
     finished = [summaries[name] for name, o in outcomes.items() if o == "finished"]
     values = [run_values(s) for s in finished]
-    row = {"cell": cell["name"], "values": cell.get("values", {}), "runs": len(cell["runs"]), "n": len(finished)}
+    row = {"cell": cell["name"], "values": cell.get("values", {}), "runs": len(cell["runs"]), "n": len(finished),
+           "run_values": values}  # each finished run's numbers, seed order (benchmarks/compare_partitions.py)
     for metric in METRICS:
         row[metric] = mean_std([v[metric] for v in values])
     rounds = sorted({v["rounds"] for v in values if v["rounds"] is not None})
     row["rounds"] = "-".join(map(str, [rounds[0], rounds[-1]] if len(rounds) > 1 else rounds))
     row["wall_s"] = mean_std([v["wall_s"] for v in values])["mean"]
     attacks = sorted({with_images(dig(s, "final_attack", "attack"), dig(s, "final_attack", "images"))
-                      for s in finished if dig(s, "final_attack", "models", "final", "robust_acc") is not None})
+                      for s in finished if dig(s, "final_attack", "models", "final", "robust_acc") is not None} - {None})
     row["final_attack"] = ", ".join(attacks)
     yardsticks = sorted({with_images(f"PGD-{dig(s, 'config', 'eval_steps')}", dig(s, "final", "eval_images"))
                          for s in finished if dig(s, "config", "eval_steps")})
