@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, RunFailed
 from .handoff import StorageCheck, WorkerPlan
 from .monitoring import job_config
 from .run_config import RunConfig
@@ -110,6 +110,13 @@ def connect_ray(cfg: RunConfig, job_name: Optional[str] = None) -> tuple:
     try:
         info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=cfg.dashboard,
                         dashboard_host=cfg.dashboard_host, **quiet)
+    except Exception as e:  # Ray raises a bare Exception when its raylet or GCS does not come up
+        if "timed out during startup" not in str(e):
+            raise
+        # Seen on a 2-core machine busy with other runs: the raylet waits 20 s for its agents'
+        # ports and gives up. Nothing has started, so nothing is lost: say so in one line.
+        raise RunFailed(f"the local Ray node did not start in time ({str(e).splitlines()[0]}); the machine may "
+                        "be too busy: nothing has started, run the same command again") from None
     finally:
         token_logger.setLevel(level)
     return f"local Ray ({num_cpus} CPUs{dashboard_note(info)})", True

@@ -95,6 +95,27 @@ def test_cli_rejects_bad_input_with_one_line_before_ray_starts(argv, expected, c
     assert expected in err_lines[0] and out == ""
 
 
+def test_a_local_ray_that_does_not_start_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """Ray raises a bare Exception when its node times out starting (a busy 2-core machine):
+    the CLI says so in one line, exit 1, and nothing was written."""
+    import ray
+
+    import ray_fedat.train as train
+
+    def slow_node(*args, **kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the "
+                        "raylet failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", slow_node)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", "digits", "--storage-path", str(tmp_path)])
+    err_lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 1 and len(err_lines) == 1, err_lines
+    assert "the local Ray node did not start in time (The current node timed out during startup." in err_lines[0]
+    assert "run the same command again" in err_lines[0] and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_the_cli_refuses_a_bad_flag_without_importing_ray():
     """The real process: one line, exit 2, no traceback, and Ray never imported."""
